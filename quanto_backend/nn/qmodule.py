@@ -1,0 +1,197 @@
+"""QModuleMixin: what every quantized module shares, and the registry mapping a torch module class to its
+quantized class (adding a quantized module is one file with ``@register_qmodule``).
+
+State of a quantized module (all plain tensors, see the README's "On-disk format"):
+
+* ``weight``: the float weight until :meth:`QModuleMixin.freeze`, then the quantized storage (int8, float8,
+  or 2/4-bit codes packed into uint8); ``weight_scale`` and, for 2/4-bit, ``weight_shift`` appear with it.
+* ``input_scale`` and ``output_scale``: 0-dim float32 static activation scales, when activations are quantized
+  (``output_scale`` only while the output is quantized, see :class:`~quanto_backend.Calibration`).
+* ``bias``: never quantized.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..qtypes import QType, as_qtype
+from ..tensor import (
+    ACTIVATION_QTYPES,
+    WEIGHT_QTYPES,
+    GroupedQWeight,
+    PerAxisQWeight,
+    QActivation,
+    as_optimizer,
+    group_layout,
+    quantize_activation,
+    quantize_weight,
+)
+
+__all__ = ["QModuleMixin", "qmodule_class", "quantize_module", "register_qmodule"]
+
+_QMODULE_CLASSES: dict[type[nn.Module], type[QModuleMixin]] = {}
+
+
+def register_qmodule(module_cls: type[nn.Module]):
+    """Class decorator: declare the decorated class the quantized version of ``module_cls``."""
+
+    def decorator(qmodule_cls: type[QModuleMixin]) -> type[QModuleMixin]:
+        _QMODULE_CLASSES[module_cls] = qmodule_cls
+        return qmodule_cls
+
+    return decorator
+
+
+def qmodule_class(module: nn.Module) -> type[QModuleMixin] | None:
+    """The quantized class for ``module`` (exact class first, then the nearest registered base class)."""
+    if isinstance(module, QModuleMixin):
+        return None
+    for cls in type(module).__mro__:
+        if cls in _QMODULE_CLASSES:
+            return _QMODULE_CLASSES[cls]
+    return None
+
+
+def quantize_module(module: nn.Module, **qconfig) -> QModuleMixin | None:
+    """The quantized replacement of ``module`` (sharing its tensors), or ``None`` if it has no quantized class."""
+    qcls = qmodule_class(module)
+    return None if qcls is None else qcls.from_module(module, **qconfig)
+
+
+class QModuleMixin:
+    """Mixed into a torch module class to make its quantized version.
+
+    A subclass implements ``qcreate`` (build an empty module of the same geometry on ``meta``) and
+    ``qforward`` (the computation from a possibly quantized input); weights are quantized on the fly until
+    :meth:`freeze`.
+    """
+
+    weight_qtype: QType | None
+    activation_qtype: QType | None
+    # Whether the module quantizes its input with a static ``input_scale`` (a normalization does not).
+    quantizes_input = True
+
+    def init_quantization(
+        self,
+        weights: QType | str | None = None,
+        activations: QType | str | None = None,
+        optimizer=None,
+        group_size: int | None = None,
+        quantize_output: bool = True,
+        device: torch.device | str | None = None,
+    ) -> None:
+        self.weight_qtype = None if weights is None else as_qtype(weights, WEIGHT_QTYPES, "weights")
+        self.activation_qtype = None if activations is None else as_qtype(activations, ACTIVATION_QTYPES, "activations")
+        self.optimizer = as_optimizer(optimizer)
+        self.group_size = group_size
+        if self.weight_qtype is not None and self.weight_qtype.is_packed:
+            group_layout(self.weight_shape[1:].numel(), group_size)  # validates group_size early
+        if self.activation_qtype is not None:
+            if self.quantizes_input:
+                self.register_buffer("input_scale", torch.ones((), device=device))
+            if quantize_output:
+                self.register_buffer("output_scale", torch.ones((), device=device))
+        self._calibrating = False
+
+    @classmethod
+    def qcreate(cls, module: nn.Module, **qconfig) -> QModuleMixin:
+        raise NotImplementedError
+
+    @classmethod
+    def from_module(cls, module: nn.Module, **qconfig) -> QModuleMixin:
+        """The quantized version of ``module``: built on ``meta``, then given ``module``'s own tensors (no copy)."""
+        device = next(iter(module.parameters()), torch.empty(0)).device
+        with torch.device("meta"):
+            qmodule = cls.qcreate(module, **qconfig, device=device)
+        for name, param in module.named_parameters(recurse=False):
+            setattr(qmodule, name, param)
+        for name, buffer in module.named_buffers(recurse=False):
+            setattr(qmodule, name, buffer)
+        qmodule.train(module.training)
+        return qmodule
+
+    # ---- weights -------------------------------------------------------------------------------------------
+    @property
+    def weight_shape(self) -> torch.Size:
+        """The float weight's shape, also once it is replaced by quantized storage."""
+        raise NotImplementedError
+
+    @property
+    def frozen(self) -> bool:
+        return "weight_scale" in self._parameters
+
+    @property
+    def quantizes_output(self) -> bool:
+        return "output_scale" in self._buffers
+
+    @property
+    def qweight(self) -> PerAxisQWeight | GroupedQWeight | None:
+        """The quantized weight as a QTensor: built from the frozen storage, or quantized now from the float
+        weight (gradients do not flow through it; see :meth:`forward` for training)."""
+        if self.weight_qtype is None:
+            return None
+        if not self.frozen:
+            return quantize_weight(self.weight.detach(), self.weight_qtype, self.group_size, self.optimizer)
+        shape, dtype = self.weight_shape, self.weight_scale.dtype
+        if self.weight_qtype.is_packed:
+            padded_in = self.weight.shape[1] * 8 // self.weight_qtype.bits
+            group_size = padded_in // self.weight_scale.shape[1]
+            return GroupedQWeight(
+                self.weight, self.weight_scale, self.weight_shift, self.weight_qtype, group_size, shape, dtype
+            )
+        return PerAxisQWeight(self.weight, self.weight_scale, self.weight_qtype, 0, shape, dtype)
+
+    def freeze(self) -> None:
+        """Replace the float weight by its quantized storage (on ``meta``: empty storage of the right shapes)."""
+        if self.weight_qtype is None or self.frozen:
+            return
+        qweight = self.qweight
+        del self.weight
+        self.weight = nn.Parameter(qweight.qdata, requires_grad=False)
+        self.weight_scale = nn.Parameter(qweight.scale, requires_grad=False)
+        if isinstance(qweight, GroupedQWeight):
+            self.weight_shift = nn.Parameter(qweight.shift, requires_grad=False)
+
+    def _train_weight(self) -> torch.Tensor:
+        """The float weight, fake-quantized with a straight-through gradient (quantization-aware training)."""
+        weight = self.weight
+        if self.weight_qtype is None:
+            return weight
+        return weight + (self.qweight.dequantize() - weight).detach()
+
+    def _trains(self) -> bool:
+        return not self.frozen and torch.is_grad_enabled() and self.weight.requires_grad
+
+    # ---- activations ---------------------------------------------------------------------------------------
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.activation_qtype is None:
+            return x
+        if isinstance(x, QActivation) and x.qtype == self.activation_qtype:
+            return x
+        return quantize_activation(x, self.activation_qtype, self.input_scale)
+
+    def quantize_output(self, y: torch.Tensor) -> torch.Tensor:
+        if not self.quantizes_output or self._calibrating:
+            return y
+        return quantize_activation(y, self.activation_qtype, self.output_scale)
+
+    def forward(self, input: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.quantize_output(self.qforward(self.quantize_input(input), *args, **kwargs))
+
+    def qforward(self, input: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        raise NotImplementedError
+
+    def qconfig(self) -> dict[str, Any]:
+        """What :func:`~quanto_backend.requantize` needs to rebuild this module's skeleton."""
+        return {
+            "weights": None if self.weight_qtype is None else self.weight_qtype.name,
+            "activations": None if self.activation_qtype is None else self.activation_qtype.name,
+            "group_size": self.group_size,
+            "quantize_output": self.quantizes_output,
+        }
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, weights={self.weight_qtype}, activations={self.activation_qtype}"

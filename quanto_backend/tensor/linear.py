@@ -1,0 +1,74 @@
+"""Quantized linear algebra: the one function that picks the ``quanto_backend`` op for a linear layer, and the
+``F.linear`` / ``torch.matmul`` / ``F.conv2d`` handlers of the QTensor family."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils._pytree import tree_map
+
+from .. import ops
+from .activations import QActivation
+from .qtensor import QTensor, register_qtensor_function
+from .weights import GroupedQWeight, PerAxisQWeight
+
+__all__ = ["qlinear"]
+
+
+def qlinear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    weight_shift: torch.Tensor | None = None,
+    bits: int = 8,
+) -> torch.Tensor:
+    """``F.linear`` with a quantized weight given by its plain storage tensors.
+
+    Args:
+        x: float input, or a :class:`QActivation` (int8 x int8 and float8 x float8 then run quantized end to end).
+        weight: int8/float8 ``[out, in]``, or packed 2/4-bit codes when ``weight_shift`` is given.
+        weight_scale: ``[out, 1]`` per-axis, or ``[out, n_groups]`` group-wise.
+        bias: float bias or ``None``.
+        weight_shift: the group-wise shift of the 2/4-bit formats.
+        bits: code width of a packed weight.
+    """
+    if isinstance(x, QActivation):
+        same_family = x.qtype.is_floating_point == weight.dtype.is_floating_point
+        if weight_shift is None and same_family and not x.requires_grad:
+            return ops.linear_a8w8(x.qdata, x.scale, weight, weight_scale, bias, x.dtype)
+        x = x.dequantize()
+    if weight_shift is None:
+        return ops.linear_w8(x, weight, weight_scale, bias)
+    return ops.linear_affine(x, weight, weight_scale, weight_shift, bits, bias)
+
+
+def _dequantized(tree):
+    return tree_map(lambda a: a.dequantize() if isinstance(a, QTensor) else a, tree)
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+
+
+@register_qtensor_function(F.linear)
+def _linear(input, weight, bias=None):
+    if not _needs_grad(input, weight, bias):
+        if isinstance(weight, PerAxisQWeight) and weight.axis == 0 and weight.ndim == 2:
+            return qlinear(input, weight.qdata, weight.scale, bias)
+        if isinstance(weight, GroupedQWeight) and weight.ndim == 2:
+            return qlinear(input, weight.qdata, weight.scale, bias, weight.shift, weight.qtype.bits)
+    return F.linear(*_dequantized((input, weight, bias)))
+
+
+@register_qtensor_function(torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__)
+def _matmul(input, other):
+    # x @ w.t() with w quantized per output channel is a linear layer.
+    if isinstance(other, PerAxisQWeight) and other.axis == 1 and other.ndim == 2 and input.ndim >= 1:
+        return _linear(input, other.t())
+    return torch.matmul(*_dequantized((input, other)))
+
+
+@register_qtensor_function(F.conv2d)
+def _conv2d(input, weight, bias=None, *args, **kwargs):
+    return F.conv2d(*_dequantized((input, weight, bias)), *args, **kwargs)

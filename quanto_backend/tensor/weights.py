@@ -1,0 +1,137 @@
+"""Quantized weights: 8-bit per-axis (int8, float8) and 2/4-bit group-wise affine, and ``quantize_weight``."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import ops
+from ..qtypes import QType, as_qtype, qfloat8_e4m3fn, qfloat8_e5m2, qint2, qint4, qint8
+from .optimizers import AbsmaxOptimizer, AffineOptimizer, HqqOptimizer, as_optimizer
+from .qtensor import QTensor
+
+__all__ = [
+    "DEFAULT_GROUP_SIZE",
+    "GroupedQWeight",
+    "PerAxisQWeight",
+    "WEIGHT_QTYPES",
+    "group_layout",
+    "quantize_weight",
+]
+
+WEIGHT_QTYPES = (qint2, qint4, qint8, qfloat8_e4m3fn, qfloat8_e5m2)
+DEFAULT_GROUP_SIZE = 128
+# Kernels read whole bytes of packed codes and vectorise along the input dimension: groups are multiples of 8.
+GROUP_SIZE_MULTIPLE = 8
+
+
+class PerAxisQWeight(QTensor):
+    """An 8-bit (int8 or float8) weight with one symmetric scale per output channel.
+
+    ``qdata`` has the weight's shape; ``scale`` is ``[out, 1, ...]`` (axis 0) or, once transposed, ``[1, out]``.
+    """
+
+    _inner_names = ("qdata", "scale")
+    _meta_names = ("qtype", "axis")
+
+    def __init__(self, qdata, scale, qtype: QType, axis: int, shape, dtype, requires_grad=False):
+        self.qdata, self.scale, self.qtype, self.axis = qdata, scale, qtype, axis
+
+    @staticmethod
+    def __new__(cls, qdata, scale, qtype, axis, shape, dtype, requires_grad=False):
+        return QTensor.__new__(cls, shape=shape, dtype=dtype, device=qdata.device, requires_grad=requires_grad)
+
+    def _dequantize(self) -> torch.Tensor:
+        return ops.dequantize_symmetric(self.qdata, self.scale).to(self.dtype)
+
+    def _transposed(self) -> PerAxisQWeight:
+        if self.ndim != 2:
+            raise ValueError(f"Only a 2-D quantized weight can be transposed, got shape {tuple(self.shape)}")
+        return PerAxisQWeight(self.qdata.t(), self.scale.t(), self.qtype, 1 - self.axis, self.shape[::-1], self.dtype)
+
+
+class GroupedQWeight(QTensor):
+    """A 2/4-bit weight, affine per group of ``group_size`` consecutive inputs: ``w ~= (q - shift) * scale``.
+
+    ``qdata`` is the packed uint8 codes ``[out, padded_in * bits / 8]`` (the input dimension padded to whole
+    groups); ``scale`` and ``shift`` are ``[out, n_groups]`` in the weight's float dtype. A conv weight is
+    grouped over its flattened ``in * kh * kw`` inputs.
+    """
+
+    _inner_names = ("qdata", "scale", "shift")
+    _meta_names = ("qtype", "group_size")
+
+    @staticmethod
+    def __new__(cls, qdata, scale, shift, qtype, group_size, shape, dtype, requires_grad=False):
+        return QTensor.__new__(cls, shape=shape, dtype=dtype, device=qdata.device, requires_grad=requires_grad)
+
+    def __init__(self, qdata, scale, shift, qtype: QType, group_size: int, shape, dtype, requires_grad=False):
+        self.qdata, self.scale, self.shift, self.qtype, self.group_size = qdata, scale, shift, qtype, group_size
+
+    def _dequantize(self) -> torch.Tensor:
+        w = ops.dequantize_affine(self.qdata, self.scale, self.shift, self.qtype.bits)
+        return w[:, : self.shape[1:].numel()].reshape(self.shape).to(self.dtype)
+
+
+def group_layout(in_features: int, group_size: int | None) -> tuple[int, int]:
+    """The effective group size and the padded input dimension for ``in_features`` inputs.
+
+    The group never exceeds the (rounded-up) input dimension; when ``in_features`` is not a multiple of the
+    group size, the last group is padded, so every group has the requested size and none is silently wrong.
+    """
+    group_size = DEFAULT_GROUP_SIZE if group_size is None else group_size
+    if not isinstance(group_size, int) or group_size <= 0 or group_size % GROUP_SIZE_MULTIPLE:
+        raise ValueError(f"group_size must be a positive multiple of {GROUP_SIZE_MULTIPLE}, got {group_size!r}")
+    rounded_in = -(-in_features // GROUP_SIZE_MULTIPLE) * GROUP_SIZE_MULTIPLE
+    group_size = min(group_size, rounded_in)
+    return group_size, -(-in_features // group_size) * group_size
+
+
+def quantize_weight(
+    weight: torch.Tensor,
+    qtype: QType | str = qint8,
+    group_size: int | None = None,
+    optimizer: AbsmaxOptimizer | AffineOptimizer | str | None = None,
+) -> PerAxisQWeight | GroupedQWeight:
+    """Quantize a float weight ``[out, in, ...]``.
+
+    Args:
+        weight: the float weight; output channels on axis 0.
+        qtype: ``qint8``/``qfloat8*`` give per-output-channel symmetric scales; ``qint4``/``qint2`` give
+            group-wise affine scale and shift along the inputs.
+        group_size: inputs per group for 2/4-bit (default 128); ignored for 8-bit.
+        optimizer: ``"absmax"`` (8-bit default), ``"minmax"`` or ``"hqq"`` (2/4-bit; default ``"hqq"``), or an
+            optimizer instance.
+    """
+    qtype = as_qtype(qtype, WEIGHT_QTYPES, "weights")
+    optimizer = as_optimizer(optimizer)
+    if not weight.is_floating_point():
+        raise TypeError(f"quantize_weight needs a floating point weight, got {weight.dtype}")
+    if weight.ndim < 2:
+        raise ValueError(f"quantize_weight needs a weight of at least 2 dims [out, in, ...], got {tuple(weight.shape)}")
+    if weight.device.type != "meta" and not torch.isfinite(weight).all():
+        raise ValueError("Cannot quantize a weight holding NaN or Inf values")
+    if qtype.is_packed:
+        return _quantize_grouped(weight, qtype, group_size, optimizer or HqqOptimizer())
+    if isinstance(optimizer, AffineOptimizer):
+        raise ValueError(f"{qtype} weights take a symmetric optimizer ('absmax'), not {type(optimizer).__name__}")
+    scale = (optimizer or AbsmaxOptimizer())(weight, qtype, axis=0).to(weight.dtype)
+    data = ops.quantize_symmetric(weight, scale, qtype.dtype)
+    return PerAxisQWeight(data, scale, qtype, 0, weight.shape, weight.dtype)
+
+
+def _quantize_grouped(weight: torch.Tensor, qtype: QType, group_size: int | None, optimizer) -> GroupedQWeight:
+    if not isinstance(optimizer, AffineOptimizer):
+        name = type(optimizer).__name__
+        raise ValueError(f"{qtype} weights take an affine optimizer ('minmax' or 'hqq'), not {name}")
+    flat = weight.reshape(weight.shape[0], -1)
+    group_size, padded_in = group_layout(flat.shape[1], group_size)
+    if padded_in > flat.shape[1]:
+        # Repeating the last input keeps the padded group's min and max, hence its scale, unchanged.
+        flat = torch.cat([flat, flat[:, -1:].expand(-1, padded_in - flat.shape[1])], dim=1)
+    if weight.device.type == "meta":
+        scale, shift = (flat.new_empty(flat.shape[0], padded_in // group_size, dtype=torch.float32),) * 2
+    else:
+        scale, shift = optimizer(flat.unflatten(1, (-1, group_size)), qtype)
+    scale, shift = scale.to(weight.dtype), shift.to(weight.dtype)
+    data = ops.quantize_affine(flat, scale, shift, qtype.bits)
+    return GroupedQWeight(data, scale, shift, qtype, group_size, weight.shape, weight.dtype)
