@@ -146,10 +146,21 @@ class QModuleMixin:
 
     def freeze(self) -> None:
         """Replace the float weight by its quantized storage (on ``meta``: empty storage of the right shapes)."""
-        if self.weight_qtype is None or self.frozen:
-            return
-        qweight = self.qweight
-        del self.weight
+        if self.weight_qtype is not None and not self.frozen:
+            self.set_quantized_weight(self.weight.detach())
+
+    def set_quantized_weight(self, weight: torch.Tensor) -> None:
+        """Quantize the float ``weight`` (on its own device) into this module's storage, which it replaces.
+
+        This is the per-parameter step of quantize-on-load: the module ends frozen.
+        """
+        if tuple(weight.shape) != tuple(self.weight_shape):
+            raise ValueError(
+                f"Weight of shape {tuple(weight.shape)} given to a module of weight shape {tuple(self.weight_shape)}"
+            )
+        qweight = quantize_weight(weight, self.weight_qtype, self.group_size, self.optimizer)
+        for name in ("weight", "weight_scale", "weight_shift"):
+            self._parameters.pop(name, None)
         self.weight = nn.Parameter(qweight.qdata, requires_grad=False)
         self.weight_scale = nn.Parameter(qweight.scale, requires_grad=False)
         if isinstance(qweight, GroupedQWeight):
