@@ -1,0 +1,123 @@
+"""quantize_weight: formats, group layout, optimizers, edge cases."""
+
+import pytest
+import torch
+
+from quanto_backend import (
+    GroupedQWeight,
+    HqqOptimizer,
+    MinMaxOptimizer,
+    PerAxisQWeight,
+    qfloat8,
+    qfloat8_e5m2,
+    qint2,
+    qint4,
+    qint8,
+    quantize_weight,
+)
+from quanto_backend.tensor import group_layout
+
+
+def _rel_error(q, w):
+    return ((q.dequantize() - w).norm() / w.norm()).item()
+
+
+@pytest.mark.parametrize("qtype, bound", [(qint8, 0.01), (qfloat8, 0.05), (qfloat8_e5m2, 0.1)])
+def test_8bit_per_axis(qtype, bound):
+    w = torch.randn(64, 128, dtype=torch.bfloat16)
+    q = quantize_weight(w, qtype)
+    assert isinstance(q, PerAxisQWeight)
+    assert q.qdata.dtype == qtype.dtype and q.qdata.shape == (64, 128)
+    assert q.scale.shape == (64, 1) and q.scale.dtype == torch.bfloat16
+    assert q.shape == w.shape and q.dtype == w.dtype and q.qtype is qtype
+    assert _rel_error(q, w.float()) < bound
+
+
+@pytest.mark.parametrize("qtype, group_size, bound", [(qint4, 128, 0.12), (qint4, 32, 0.1), (qint2, 64, 0.5)])
+def test_grouped_affine(qtype, group_size, bound):
+    w = torch.randn(32, 256)
+    q = quantize_weight(w, qtype, group_size=group_size)
+    assert isinstance(q, GroupedQWeight) and q.group_size == group_size
+    assert q.qdata.dtype == torch.uint8 and q.qdata.shape == (32, 256 * qtype.bits // 8)
+    assert q.scale.shape == q.shift.shape == (32, 256 // group_size)
+    assert _rel_error(q, w) < bound
+
+
+def test_default_group_size_is_128():
+    assert quantize_weight(torch.randn(4, 512), qint4).group_size == 128
+
+
+def test_group_layout_pads_the_last_group():
+    assert group_layout(4100, 128) == (128, 4224)
+    assert group_layout(384, 128) == (128, 384)
+    assert group_layout(20, 128) == (24, 24)  # never larger than the (rounded-up) input
+
+
+def test_in_features_not_a_multiple_of_the_group():
+    w = torch.randn(16, 100)
+    q = quantize_weight(w, qint4, group_size=32)
+    assert q.scale.shape == (16, 4) and q.qdata.shape == (16, 128 * 4 // 8)
+    back = q.dequantize()
+    assert back.shape == (16, 100)
+    assert _rel_error(q, w) < 0.12
+
+
+@pytest.mark.parametrize("group_size", [0, -8, 12, 7.5, "64"])
+def test_bad_group_size(group_size):
+    with pytest.raises(ValueError, match="group_size"):
+        quantize_weight(torch.randn(4, 64), qint4, group_size=group_size)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_weights_are_rejected(bad):
+    w = torch.randn(4, 64)
+    w[1, 3] = bad
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        quantize_weight(w, qint8)
+
+
+@pytest.mark.parametrize("qtype", [qint8, qfloat8, qint4, qint2])
+def test_zero_rows_and_groups_come_back_exactly(qtype):
+    w = torch.randn(8, 128)
+    w[2] = 0
+    w[5, 64:] = 0
+    w[6, :64] = 0.25  # a constant non-zero group
+    q = quantize_weight(w, qtype, group_size=64)
+    assert torch.isfinite(q.scale).all()
+    back = q.dequantize()
+    assert (back[2] == 0).all() and (back[5, 64:] == 0).all()
+    if qtype.is_packed:
+        assert (back[6, :64] == 0.25).all()
+
+
+def test_hqq_beats_minmax_on_a_real_weight(minilm_weight):
+    for qtype, group_size in [(qint4, 128), (qint4, 32), (qint2, 64)]:
+        minmax = _rel_error(quantize_weight(minilm_weight, qtype, group_size, MinMaxOptimizer()), minilm_weight)
+        hqq = _rel_error(quantize_weight(minilm_weight, qtype, group_size, HqqOptimizer()), minilm_weight)
+        assert hqq < minmax * 0.97, (qtype, group_size, hqq, minmax)
+
+
+def test_optimizer_must_fit_the_format():
+    with pytest.raises(ValueError, match="affine optimizer"):
+        quantize_weight(torch.randn(4, 64), qint4, optimizer="absmax")
+    with pytest.raises(ValueError, match="symmetric optimizer"):
+        quantize_weight(torch.randn(4, 64), qint8, optimizer="hqq")
+    with pytest.raises(ValueError, match="accepted: absmax, minmax, hqq"):
+        quantize_weight(torch.randn(4, 64), qint8, optimizer="best")
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="int3"):
+        quantize_weight(torch.randn(4, 64), "int3")
+    with pytest.raises(TypeError, match="floating point"):
+        quantize_weight(torch.ones(4, 64, dtype=torch.int32), qint8)
+    with pytest.raises(ValueError, match="at least 2 dims"):
+        quantize_weight(torch.randn(64), qint8)
+
+
+def test_conv_weight_grouped_over_flattened_inputs():
+    w = torch.randn(8, 3, 3, 3)
+    q = quantize_weight(w, qint4, group_size=16)
+    assert q.scale.shape == (8, 2)  # 27 inputs padded to 32
+    assert q.dequantize().shape == w.shape
+    assert _rel_error(q, w) < 0.12
