@@ -1,0 +1,214 @@
+// Building blocks shared by the GEMV (gemv.cu) and GEMM (gemm.cu) kernels: operand formats, tensor-core mma,
+// weight decoding and the epilogue.
+//
+// Operand layout, the one fact both kernels rely on. For mma.m16n8k16 (16-bit operands) and mma.m16n8k32 (8-bit
+// operands) alike, lane (g = lane / 4, t = lane % 4) holds, in 32-bit words of a row's k-step slice of 32 bytes:
+//   A: a0 = row g word t, a1 = row g+8 word t, a2 = row g word t+4, a3 = row g+8 word t+4
+//   B: b0 = column g word t, b1 = column g word t+4           (B is K-major: a row of the [N, K] weight)
+//   C: c0, c1 = row g, columns 2t, 2t+1; c2, c3 = row g+8, same columns
+// A word holds 2 (16-bit) or 4 (8-bit) consecutive k values, the lowest k in the lowest bits.
+#pragma once
+#include "common.cuh"
+
+template <bool C, class T, class F>
+struct Select {
+    using type = T;
+};
+template <class T, class F>
+struct Select<false, T, F> {
+    using type = F;
+};
+
+// Activation formats (AF): DT_F16, DT_BF16 (weight-only kernels) or DT_I8, DT_E4M3, DT_E5M2 (quantized
+// activations). Weight formats (WF): DT_I8, DT_E4M3, DT_E5M2, DT_U4, DT_U2.
+template <int AF>
+__host__ __device__ constexpr int act_bytes() {
+    return (AF == DT_F16 || AF == DT_BF16) ? 2 : 1;
+}
+template <int WF>
+__host__ __device__ constexpr int weight_bits() {
+    return WF == DT_U4 ? 4 : (WF == DT_U2 ? 2 : 8);
+}
+template <int WF>
+__host__ __device__ constexpr bool is_affine() {
+    return WF == DT_U4 || WF == DT_U2;
+}
+// int8 x int8 accumulates exactly in int32; every other pair in float32.
+template <int AF>
+using Acc = typename Select<AF == DT_I8, int, float>::type;
+
+// c += a * b on tensor cores: m16n8k16 for 16-bit activations, m16n8k32 for 8-bit ones.
+template <int AF, int WF>
+QB_DEV void mma(Acc<AF>* c, const u32* a, u32 b0, u32 b1) {
+    if constexpr (AF == DT_BF16) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+            "{%0,%1,%2,%3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    } else if constexpr (AF == DT_F16) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+            "{%0,%1,%2,%3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    } else if constexpr (AF == DT_I8) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+            "{%0,%1,%2,%3};\n"
+            : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    } else {
+#if __CUDA_ARCH__ >= 890
+#define QB_MMA_FP8(ATYPE, BTYPE)                                                                         \
+    asm volatile("mma.sync.aligned.m16n8k32.row.col.f32." ATYPE "." BTYPE                                \
+                 ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"                           \
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                         \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1))
+        if constexpr (AF == DT_E4M3 && WF == DT_E4M3) {
+            QB_MMA_FP8("e4m3", "e4m3");
+        } else if constexpr (AF == DT_E4M3 && WF == DT_E5M2) {
+            QB_MMA_FP8("e4m3", "e5m2");
+        } else if constexpr (AF == DT_E5M2 && WF == DT_E4M3) {
+            QB_MMA_FP8("e5m2", "e4m3");
+        } else {
+            QB_MMA_FP8("e5m2", "e5m2");
+        }
+#undef QB_MMA_FP8
+#else
+        // float8 tensor cores need sm_89; the Python side never launches these kernels on older GPUs.
+        __trap();
+#endif
+    }
+}
+
+QB_DEV uint4 zero4() { return make_uint4(0u, 0u, 0u, 0u); }
+
+// Bounds-checked slow path of load_act16 (row tails, unaligned rows). Not inlined, to keep the hot loops small.
+template <int AB>
+__device__ __noinline__ uint4 load_act16_checked(const u8* p, int n_valid) {
+    constexpr int NV = 16 / AB;
+    u32 w[4] = {0u, 0u, 0u, 0u};
+#pragma unroll
+    for (int e = 0; e < NV; ++e) {
+        if (e < n_valid) {
+            if constexpr (AB == 2) {
+                w[e >> 1] |= ((u32)((const u16*)p)[e]) << (16 * (e & 1));
+            } else {
+                w[e >> 2] |= ((u32)p[e]) << (8 * (e & 3));
+            }
+        }
+    }
+    return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// 16 bytes of one activation row from value k0 on (16 / bytes-per-value values); values at or past K read as 0.
+// `vec`: the row start is 16-byte aligned (pointer and row length), so an in-bounds chunk is one vector load.
+template <int AB>
+QB_DEV uint4 load_act16(const u8* row, int k0, int K, bool vec) {
+    constexpr int NV = 16 / AB;
+    if (k0 >= K) return zero4();
+    const u8* p = row + (long long)k0 * AB;
+    if (vec && k0 + NV <= K) return __ldg((const uint4*)p);
+    return load_act16_checked<AB>(p, K - k0);
+}
+
+// Bounds-checked slow path of load_weight_bytes: bytes whose first value is at or past the n_valid-th read as 0.
+template <int BITS, int NV>
+__device__ __noinline__ uint4 load_weight_bytes_checked(const u8* p, int n_valid) {
+    constexpr int NB = NV * BITS / 8;
+    constexpr int PER = 8 / BITS;
+    u32 w[4] = {0u, 0u, 0u, 0u};
+#pragma unroll
+    for (int j = 0; j < NB; ++j) {
+        if (j * PER < n_valid) w[j >> 2] |= ((u32)p[j]) << (8 * (j & 3));
+    }
+    return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// The raw bytes of NV weight values from value k0 (a multiple of NV) of a row: NV * BITS / 8 <= 16 bytes in the
+// low bytes of the result. Bytes whose first value is at or past K read as 0 (code 0, a finite weight), so
+// nothing past the row is read.
+template <int BITS, int NV>
+QB_DEV uint4 load_weight_bytes(const u8* row, int k0, int K, bool vec) {
+    constexpr int NB = NV * BITS / 8;
+    if (k0 >= K) return zero4();
+    const u8* p = row + k0 / (8 / BITS);
+    if (vec && k0 + NV <= K) {
+        if constexpr (NB == 16) {
+            return __ldg((const uint4*)p);
+        } else if constexpr (NB == 8) {
+            const uint2 v = __ldg((const uint2*)p);
+            return make_uint4(v.x, v.y, 0u, 0u);
+        } else {
+            return make_uint4(__ldg((const u32*)p), 0u, 0u, 0u);
+        }
+    }
+    return load_weight_bytes_checked<BITS, NV>(p, K - k0);
+}
+
+template <int WF>
+QB_DEV float decode_byte(u32 b) {
+    if constexpr (WF == DT_E4M3) {
+        return e4m3_to_f32(b);
+    } else if constexpr (WF == DT_E5M2) {
+        return e5m2_to_f32(b);
+    } else {
+        return (float)(int)(i8)(u8)b;
+    }
+}
+
+// Weight values 8*sub .. 8*sub+7 of a raw segment `wv` (as loaded by load_weight_bytes) as four 16-bit operand
+// words of activation format AF. 8-bit weights decode exactly (their per-row scale is applied in the epilogue);
+// 2/4-bit weights are dequantized, (q - shift) * scale, and rounded once to AF, as the reference does.
+template <int AF, int WF>
+QB_DEV void decode8(const u32* wv, int sub, float scale, float shift, u32* out) {
+    float v[8];
+    if constexpr (WF == DT_U4) {
+        const u32 w = wv[sub];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) v[i] = ((float)((w >> (4 * i)) & 15u) - shift) * scale;
+    } else if constexpr (WF == DT_U2) {
+        const u32 w = wv[sub >> 1] >> (16 * (sub & 1));
+#pragma unroll
+        for (int i = 0; i < 8; ++i) v[i] = ((float)((w >> (2 * i)) & 3u) - shift) * scale;
+    } else {
+        const u32 lo = wv[2 * sub], hi = wv[2 * sub + 1];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            v[i] = decode_byte<WF>((lo >> (8 * i)) & 0xFFu);
+            v[i + 4] = decode_byte<WF>((hi >> (8 * i)) & 0xFFu);
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) out[i] = pack_pair<AF>(v[2 * i], v[2 * i + 1]);
+}
+
+// The arguments every GEMV/GEMM kernel takes, in this order (see quanto_backend/kernels/launch.py):
+//   x [M, K] activations (16-bit, or int8/float8 quantized); w [N, w_row_bytes] weight;
+//   w_scale [N] (8-bit) or [N, n_groups] (2/4-bit), w_shift [N, n_groups] (2/4-bit, same dtype as w_scale);
+//   x_scale float32, one value or one per row (x_scale_stride 0 or 1; quantized activations only);
+//   bias [N] or null; out [M, N].
+#define QB_MATMUL_PARAMS                                                                                    \
+    const void *__restrict__ x, const void *__restrict__ w, const void *__restrict__ w_scale,                \
+        const void *__restrict__ w_shift, const float *__restrict__ x_scale, const void *__restrict__ bias, \
+        void *__restrict__ out, int M, int N, int K, int w_row_bytes, int n_groups, int group_size,         \
+        int x_scale_stride, int scale_dt, int bias_dt, int out_dt, int x_vec, int w_vec
+
+// Writes out[m, n] from the accumulator. Quantized activations reproduce the reference's two roundings,
+// round(round(acc * x_scale * w_scale) + round(bias)); weight-only output rounds once. Not inlined: the GEMM calls
+// it 64 times per thread, and inlining its dtype switches that often multiplies code size and compile time.
+template <int AF, int WF>
+__device__ __noinline__ void store_output(Acc<AF> acc, int m, int n, int N, const float* x_scale, int x_scale_stride,
+                         const void* w_scale, int scale_dt, const void* bias, int bias_dt, void* out, int out_dt) {
+    float r;
+    if constexpr (act_bytes<AF>() == 1) {
+        r = ((float)acc * x_scale[(long long)m * x_scale_stride]) * load_float(w_scale, n, scale_dt);
+        if (bias != nullptr) r = round_to(r, out_dt) + round_to(load_float(bias, n, bias_dt), out_dt);
+    } else {
+        r = acc;
+        if constexpr (!is_affine<WF>()) r *= load_float(w_scale, n, scale_dt);
+        if (bias != nullptr) r += load_float(bias, n, bias_dt);
+    }
+    store_float(out, (long long)m * N + n, out_dt, r);
+}

@@ -1,0 +1,26 @@
+"""CUDA kernels: the sources of ``cuda_kernels/`` compiled with NVRTC, cached, and launched on torch's stream.
+
+Importing this package needs neither CuPy nor a GPU; they are looked for when a kernel is first compiled or
+launched, and :class:`KernelUnavailableError` names what is missing.
+"""
+
+from .launch import Int64, launch
+from .loader import (
+    DTYPE_CODES,
+    ENTRY_POINTS,
+    KernelUnavailableError,
+    compile_source,
+    kernels_unavailable_reason,
+    matmul_entry_point,
+)
+
+__all__ = [
+    "DTYPE_CODES",
+    "ENTRY_POINTS",
+    "Int64",
+    "KernelUnavailableError",
+    "compile_source",
+    "kernels_unavailable_reason",
+    "launch",
+    "matmul_entry_point",
+]

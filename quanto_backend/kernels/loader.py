@@ -1,0 +1,313 @@
+"""Finds, compiles and caches the CUDA sources of ``cuda_kernels/``.
+
+Sources are compiled with NVRTC (through the ``cupy_backends`` bindings that CuPy ships) for one GPU architecture
+at a time, straight to a cubin when NVRTC knows the architecture (PTX for a newer one, which the driver then
+compiles). A compiled module is cached in memory and on disk, keyed by a hash of the source, the headers it can
+include, the architecture, the options and the NVRTC version; the disk cache lives in ``$QUANTO_BACKEND_CACHE``
+or ``~/.cache/quanto_backend`` and is written through a temporary file and :func:`os.replace`, so concurrent
+processes never read a partial file.
+
+:func:`compile_source` needs no GPU (CI compiles every kernel with it); :func:`get_function` loads a module into
+a device's context and needs one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import importlib.resources
+import json
+import os
+import struct
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "COMPILE_OPTIONS",
+    "DTYPE_CODES",
+    "ENTRY_POINTS",
+    "CompiledModule",
+    "KernelUnavailableError",
+    "MATMUL_FORMATS",
+    "U2_CODE",
+    "U4_CODE",
+    "cache_dir",
+    "compile_source",
+    "device_arch",
+    "get_function",
+    "kernels_unavailable_reason",
+    "load_compiled",
+    "matmul_entry_point",
+    "read_sources",
+]
+
+# No CUDA header is included by the sources (see cuda_kernels/common.cuh), so no include path is needed.
+COMPILE_OPTIONS: tuple[str, ...] = ("-std=c++17",)
+_CACHE_FORMAT = b"QBK1"
+
+# The DType enum of cuda_kernels/common.cuh.
+DTYPE_CODES: dict[torch.dtype, int] = {
+    torch.float32: 0,
+    torch.float16: 1,
+    torch.bfloat16: 2,
+    torch.int8: 3,
+    torch.uint8: 4,
+    torch.float8_e4m3fn: 5,
+    torch.float8_e5m2: 6,
+}
+U4_CODE, U2_CODE = 7, 8
+
+_F16, _BF16, _I8, _E4M3, _E5M2 = 1, 2, 3, 5, 6
+# (activation format, weight format) pairs of the GEMV and GEMM templates: 16-bit activations with every weight
+# format (weight-only), and quantized activations with the 8-bit weight of the same family.
+MATMUL_FORMATS: tuple[tuple[int, int], ...] = (
+    *((a, w) for a in (_F16, _BF16) for w in (_I8, _E4M3, _E5M2, U4_CODE, U2_CODE)),
+    (_I8, _I8),
+    *((a, w) for a in (_E4M3, _E5M2) for w in (_E4M3, _E5M2)),
+)
+
+# Every entry point, by source file: the names (C names or template instantiations) NVRTC is asked to compile.
+ENTRY_POINTS: dict[str, tuple[str, ...]] = {
+    "quantize.cu": (
+        "qb_quantize_symmetric",
+        "qb_dequantize_symmetric",
+        "qb_quantize_per_token",
+        "qb_quantize_affine",
+        "qb_dequantize_affine",
+        "qb_pack",
+        "qb_unpack",
+    ),
+    "gemv.cu": tuple(f"qb_gemv<{a}, {w}>" for a, w in MATMUL_FORMATS),
+    "gemm.cu": tuple(f"qb_gemm<{a}, {w}>" for a, w in MATMUL_FORMATS),
+}
+
+
+def matmul_entry_point(kind: str, act_format: int, weight_format: int) -> tuple[str, str]:
+    """(source, entry point) of the ``kind`` ("gemv" or "gemm") kernel for these formats (``DTYPE_CODES``)."""
+    if (act_format, weight_format) not in MATMUL_FORMATS:
+        raise ValueError(f"no {kind} kernel for activation format {act_format} and weight format {weight_format}")
+    return f"{kind}.cu", f"qb_{kind}<{act_format}, {weight_format}>"
+
+
+class KernelUnavailableError(RuntimeError):
+    """The CUDA kernels cannot be compiled or launched here; the message names what is missing."""
+
+
+@dataclass(frozen=True)
+class CompiledModule:
+    """One compiled source: a cubin (or PTX) image and the mangled name of each entry point."""
+
+    image: bytes
+    is_cubin: bool
+    lowered_names: dict[str, str]
+
+
+@functools.lru_cache(maxsize=1)
+def read_sources() -> dict[str, str]:
+    """The text of every ``*.cu``/``*.cuh`` file: from the installed data package ``quanto_backend.cuda_kernels``,
+    else from the repository's top-level ``cuda_kernels/``."""
+    files: dict[str, str] = {}
+    try:
+        root = importlib.resources.files("quanto_backend.cuda_kernels")
+        files = {p.name: p.read_text() for p in root.iterdir() if p.name.endswith((".cu", ".cuh"))}
+    except (ModuleNotFoundError, FileNotFoundError, NotADirectoryError, TypeError):
+        pass
+    if not files:
+        repo_dir = Path(__file__).resolve().parents[2] / "cuda_kernels"
+        if repo_dir.is_dir():
+            files = {p.name: p.read_text() for p in sorted(repo_dir.iterdir()) if p.suffix in (".cu", ".cuh")}
+    missing = sorted(set(ENTRY_POINTS) - set(files))
+    if missing:
+        raise KernelUnavailableError(
+            f"CUDA sources {missing} not found in the package quanto_backend.cuda_kernels nor in the repository's "
+            "cuda_kernels/; reinstall quanto-backend"
+        )
+    return files
+
+
+def _nvrtc():
+    try:
+        from cupy_backends.cuda.libs import nvrtc
+    except ImportError as e:
+        raise KernelUnavailableError(
+            "CuPy is not installed: the CUDA kernels need `pip install 'quanto-backend[cuda]'` "
+            f"(cupy-cuda13x and nvidia-cuda-nvrtc) ({e})"
+        ) from e
+    try:
+        nvrtc.getVersion()
+    except Exception as e:  # the binding raises RuntimeError/OSError subclasses depending on the CuPy version
+        raise KernelUnavailableError(
+            f"NVRTC (libnvrtc) could not be loaded: install nvidia-cuda-nvrtc matching cupy-cuda13x ({e})"
+        ) from e
+    return nvrtc
+
+
+def _target(nvrtc, arch: int) -> tuple[str, bool]:
+    """The -arch option for ``arch`` and whether it produces a cubin."""
+    supported = sorted(int(a) for a in nvrtc.getSupportedArchs())
+    if arch in supported:
+        return f"-arch=sm_{arch}", True
+    older = [a for a in supported if a <= arch]
+    if not older:
+        raise KernelUnavailableError(
+            f"NVRTC {nvrtc.getVersion()} cannot compile for sm_{arch}; it supports {supported}"
+        )
+    # A GPU newer than this NVRTC: PTX for the newest known architecture, which the driver compiles.
+    return f"-arch=compute_{older[-1]}", False
+
+
+def _headers(sources: dict[str, str]) -> dict[str, str]:
+    return {name: text for name, text in sorted(sources.items()) if name.endswith(".cuh")}
+
+
+def compile_source(
+    name: str, arch: int, options: tuple[str, ...] = COMPILE_OPTIONS, ptx: bool = False
+) -> CompiledModule:
+    """Compiles ``cuda_kernels/<name>`` and all its entry points for compute capability ``arch`` (e.g. 90).
+
+    Needs NVRTC, not a GPU. ``ptx=True`` stops at PTX (to inspect the generated code). Raises
+    :class:`KernelUnavailableError` with NVRTC's log if compilation fails.
+    """
+    nvrtc = _nvrtc()
+    sources = read_sources()
+    headers = _headers(sources)
+    arch_option, is_cubin = (f"-arch=compute_{arch}", False) if ptx else _target(nvrtc, arch)
+    program = nvrtc.createProgram(
+        sources[name], name, [h.encode() for h in headers.values()], [n.encode() for n in headers]
+    )
+    try:
+        for expr in ENTRY_POINTS[name]:
+            nvrtc.addNameExpression(program, expr)
+        try:
+            nvrtc.compileProgram(program, [*options, arch_option])
+        except nvrtc.NVRTCError as e:
+            log = nvrtc.getProgramLog(program)
+            raise KernelUnavailableError(f"NVRTC failed to compile {name} for sm_{arch}:\n{log}") from e
+        lowered = {expr: nvrtc.getLoweredName(program, expr) for expr in ENTRY_POINTS[name]}
+        image = nvrtc.getCUBIN(program) if is_cubin else nvrtc.getPTX(program)
+    finally:
+        nvrtc.destroyProgram(program)
+    if not is_cubin and not image.endswith(b"\0"):
+        image += b"\0"  # cuModuleLoadData reads PTX as a C string
+    return CompiledModule(image, is_cubin, lowered)
+
+
+def cache_dir() -> Path:
+    """Where compiled modules are kept: ``$QUANTO_BACKEND_CACHE``, else ``~/.cache/quanto_backend``."""
+    return Path(os.environ.get("QUANTO_BACKEND_CACHE") or Path.home() / ".cache" / "quanto_backend")
+
+
+def _cache_key(name: str, arch: int, options: tuple[str, ...]) -> str:
+    nvrtc = _nvrtc()
+    digest = hashlib.sha256(_CACHE_FORMAT)
+    sources = read_sources()
+    parts = [name, sources[name], str(arch), "\0".join(options), repr(nvrtc.getVersion()), *ENTRY_POINTS[name]]
+    for header, text in _headers(sources).items():
+        parts += [header, text]
+    for part in parts:
+        digest.update(part.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()[:24]
+
+
+def _read_cache(path: Path) -> CompiledModule | None:
+    try:
+        data = path.read_bytes()
+        if data[:4] != _CACHE_FORMAT:
+            return None
+        (meta_len,) = struct.unpack("<I", data[4:8])
+        meta = json.loads(data[8 : 8 + meta_len])
+        return CompiledModule(data[8 + meta_len :], bool(meta["is_cubin"]), dict(meta["lowered_names"]))
+    except (OSError, ValueError, KeyError, struct.error):
+        return None
+
+
+def _write_cache(path: Path, module: CompiledModule) -> None:
+    meta = json.dumps({"is_cubin": module.is_cubin, "lowered_names": module.lowered_names}).encode()
+    tmp: str | None = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(_CACHE_FORMAT + struct.pack("<I", len(meta)) + meta + module.image)
+        os.replace(tmp, path)
+    except OSError:
+        # A read-only or full disk only costs a recompilation in the next process.
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+_lock = threading.Lock()
+_compiled: dict[tuple[str, int], CompiledModule] = {}
+_functions: dict[tuple[str, str, int], int] = {}
+_loaded: dict[tuple[str, int], tuple[int, CompiledModule]] = {}
+
+
+def load_compiled(name: str, arch: int) -> CompiledModule:
+    """``compile_source`` through the in-memory and on-disk caches."""
+    key = (name, arch)
+    module = _compiled.get(key)
+    if module is None:
+        path = cache_dir() / f"{Path(name).stem}-sm{arch}-{_cache_key(name, arch, COMPILE_OPTIONS)}.bin"
+        module = _read_cache(path)
+        if module is None or set(module.lowered_names) != set(ENTRY_POINTS[name]):
+            module = compile_source(name, arch)
+            _write_cache(path, module)
+        _compiled[key] = module
+    return module
+
+
+def device_arch(device: torch.device) -> int:
+    """Compute capability of a CUDA device as one number: (9, 0) -> 90."""
+    major, minor = torch.cuda.get_device_capability(device)
+    return major * 10 + minor
+
+
+@functools.lru_cache(maxsize=1)
+def kernels_unavailable_reason() -> str | None:
+    """Why the kernels cannot run in this process (None when they can): kernels disabled by
+    ``QUANTO_BACKEND_DISABLE_KERNELS=1``, CuPy or NVRTC missing, or no CUDA GPU. Checked once per process."""
+    if os.environ.get("QUANTO_BACKEND_DISABLE_KERNELS", "") not in ("", "0"):
+        return "QUANTO_BACKEND_DISABLE_KERNELS is set"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is available to torch"
+    try:
+        _nvrtc()
+        from cupy_backends.cuda.api import driver  # noqa: F401
+    except (KernelUnavailableError, ImportError) as e:
+        return str(e)
+    return None
+
+
+def get_function(name: str, entry_point: str, device: torch.device) -> int:
+    """The ``CUfunction`` handle of an entry point on ``device``, compiling and loading its module on first use.
+
+    The first call for a device should happen outside CUDA-graph capture (loading a module is not a stream
+    operation); later calls only look a dictionary up.
+    """
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = (name, entry_point, index)
+    handle = _functions.get(key)
+    if handle is not None:
+        return handle
+    try:
+        from cupy_backends.cuda.api import driver
+    except ImportError as e:
+        raise KernelUnavailableError(f"CuPy is not installed: `pip install 'quanto-backend[cuda]'` ({e})") from e
+    with _lock:
+        loaded = _loaded.get((name, index))
+        if loaded is None:
+            module = load_compiled(name, device_arch(torch.device("cuda", index)))
+            # cudaSetDevice makes the device's primary context (torch's) current, which the driver calls use.
+            with torch.cuda.device(index):
+                loaded = (driver.moduleLoadData(module.image), module)
+            _loaded[(name, index)] = loaded
+        handle = driver.moduleGetFunction(loaded[0], loaded[1].lowered_names[entry_point])
+        _functions[key] = handle
+    return handle

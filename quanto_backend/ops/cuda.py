@@ -1,0 +1,385 @@
+"""CUDA implementations of the ``quanto_backend::*`` ops: kernels from ``cuda_kernels/`` launched through
+:mod:`quanto_backend.kernels`.
+
+Each op checks that its inputs are a case a kernel covers (dtypes, layouts, group sizes); anything else, and every
+call when the kernels cannot run here (no CuPy/NVRTC, or ``QUANTO_BACKEND_DISABLE_KERNELS=1``), takes the
+plain-torch reference, which is correct on any device. Importing this module needs neither CuPy nor a GPU.
+
+Matmul dispatch: up to ``GEMV_MAX_M`` rows of activations go to the decode GEMV (tensor-core m16 tile, each
+weight byte read once), more rows to the tiled tensor-core GEMM: int8 x int8 and float8 x float8 (sm_89+) for
+quantized activations, and for weight-only formats a 16-bit GEMM whose weight tiles are dequantized in shared
+memory.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+from . import library, reference
+
+__all__ = ["GEMV_MAX_M"]
+
+GEMV_MAX_M = 16
+
+_FLOAT = (torch.float32, torch.float16, torch.bfloat16)
+_HALF = (torch.float16, torch.bfloat16)
+_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+_Q8 = (torch.int8, *_FP8)
+_BLOCK = 256
+_MAX_GRID_Y = 65535
+_GEMM_TILE = 128
+# 2/4-bit groups must hold whole 32-value pieces: the GEMV reads one scale and shift per 32 weights.
+_GROUP_MULTIPLE = 32
+
+_warned = False
+
+
+def _kernels_ready(*tensors: torch.Tensor | None) -> bool:
+    """True when every tensor is on one CUDA device and the kernels can run; warns once when they cannot."""
+    global _warned
+    devices = {t.device for t in tensors if t is not None}
+    if len(devices) != 1 or next(iter(devices)).type != "cuda":
+        return False
+    from ..kernels import kernels_unavailable_reason
+
+    reason = kernels_unavailable_reason()
+    if reason is not None:
+        if not _warned:
+            _warned = True
+            warnings.warn(
+                f"quanto_backend CUDA kernels are unavailable ({reason}); using the slower plain-torch ops",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return False
+    return True
+
+
+def _code(dtype: torch.dtype) -> int:
+    from ..kernels import DTYPE_CODES
+
+    return DTYPE_CODES[dtype]
+
+
+def _launch(source: str, entry_point: str, grid: tuple[int, ...], args: tuple, device: torch.device) -> None:
+    from ..kernels import launch
+
+    launch(source, entry_point, grid, (_BLOCK,), args, device)
+
+
+def _int64(value: int):
+    from ..kernels import Int64
+
+    return Int64(value)
+
+
+def _scale_layout(x: torch.Tensor, scale: torch.Tensor) -> int | None:
+    """1 when ``scale`` holds one value per row of ``x`` (``[..., 1]``), 0 when it is one value for all of ``x``,
+    None for any other broadcast (left to the reference)."""
+    if x.dim() == 0:
+        return None
+    if scale.numel() == 1 and scale.dim() <= x.dim():
+        return 0
+    if scale.dim() == x.dim() and scale.shape[-1] == 1 and scale.shape[:-1] == x.shape[:-1]:
+        return 1
+    return None
+
+
+def _vector_ok(t: torch.Tensor, row_bytes: int) -> int:
+    """Whether every row of a contiguous tensor starts 16-byte aligned, so kernels may use 16-byte loads."""
+    return int(t.data_ptr() % 16 == 0 and row_bytes % 16 == 0)
+
+
+def _rows_grid(cols: int, rows: int) -> tuple[int, int]:
+    return (math.ceil(cols / _BLOCK), min(rows, _MAX_GRID_Y))
+
+
+# --- elementwise ops -------------------------------------------------------------------------------------------
+
+
+@library.pack.register_kernel("cuda")
+def _pack(values: torch.Tensor, bits: int) -> torch.Tensor:
+    if not (
+        bits in (2, 4)
+        and values.dtype == torch.uint8
+        and values.dim() >= 1
+        and values.shape[-1] % (8 // bits) == 0
+        and _kernels_ready(values)
+    ):
+        return reference.pack(values, bits)
+    values = values.contiguous()
+    out = values.new_empty((*values.shape[:-1], values.shape[-1] * bits // 8))
+    n = out.numel()
+    if n:
+        grid = (min(math.ceil(n / _BLOCK), 65535),)
+        _launch("quantize.cu", "qb_pack", grid, (values, out, _int64(n), bits), values.device)
+    return out
+
+
+@library.unpack.register_kernel("cuda")
+def _unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    if not (bits in (2, 4) and packed.dtype == torch.uint8 and packed.dim() >= 1 and _kernels_ready(packed)):
+        return reference.unpack(packed, bits)
+    packed = packed.contiguous()
+    out = packed.new_empty((*packed.shape[:-1], packed.shape[-1] * 8 // bits))
+    n = packed.numel()
+    if n:
+        grid = (min(math.ceil(n / _BLOCK), 65535),)
+        _launch("quantize.cu", "qb_unpack", grid, (packed, out, _int64(n), bits), packed.device)
+    return out
+
+
+@library.quantize_symmetric.register_kernel("cuda")
+def _quantize_symmetric(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    layout = _scale_layout(x, scale)
+    if not (
+        layout is not None and dtype in _Q8 and x.dtype in _FLOAT and scale.dtype in _FLOAT and _kernels_ready(x, scale)
+    ):
+        return reference.quantize_symmetric(x, scale, dtype)
+    x = x.contiguous()
+    scale = scale.contiguous()
+    out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    cols = x.shape[-1]
+    rows = x.numel() // cols if cols else 0
+    if rows:
+        args = (x, _code(x.dtype), scale, _code(scale.dtype), layout, out, _code(dtype), _int64(rows), cols)
+        _launch("quantize.cu", "qb_quantize_symmetric", _rows_grid(cols, rows), args, x.device)
+    return out
+
+
+@library.dequantize_symmetric.register_kernel("cuda")
+def _dequantize_symmetric(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    layout = _scale_layout(q, scale)
+    if not (layout is not None and q.dtype in _Q8 and scale.dtype in _FLOAT and _kernels_ready(q, scale)):
+        return reference.dequantize_symmetric(q, scale)
+    q = q.contiguous()
+    scale = scale.contiguous()
+    out = torch.empty(q.shape, dtype=scale.dtype, device=q.device)
+    cols = q.shape[-1]
+    rows = q.numel() // cols if cols else 0
+    if rows:
+        args = (q, _code(q.dtype), scale, _code(scale.dtype), layout, out, _int64(rows), cols)
+        _launch("quantize.cu", "qb_dequantize_symmetric", _rows_grid(cols, rows), args, q.device)
+    return out
+
+
+@library.quantize_per_token.register_kernel("cuda")
+def _quantize_per_token(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    if not (dtype in _Q8 and x.dtype in _FLOAT and x.dim() >= 1 and x.shape[-1] > 0 and _kernels_ready(x)):
+        return reference.quantize_per_token(x, dtype)
+    x = x.contiguous()
+    cols = x.shape[-1]
+    rows = x.numel() // cols
+    out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    scale = torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device)
+    if rows:
+        args = (x, _code(x.dtype), out, _code(dtype), scale, cols)
+        _launch("quantize.cu", "qb_quantize_per_token", (rows,), args, x.device)
+    return out, scale
+
+
+def _affine_ok(rows: int, cols: int, scale: torch.Tensor, shift: torch.Tensor, bits: int) -> bool:
+    return (
+        bits in (2, 4)
+        and scale.dim() == 2
+        and scale.shape == shift.shape
+        and scale.shape[0] == rows
+        and scale.shape[1] > 0
+        and cols % scale.shape[1] == 0
+        and cols % (8 // bits) == 0
+        and scale.dtype in _FLOAT
+        and shift.dtype in _FLOAT
+    )
+
+
+@library.quantize_affine.register_kernel("cuda")
+def _quantize_affine(w: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, bits: int) -> torch.Tensor:
+    if not (
+        w.dim() == 2
+        and w.dtype in _FLOAT
+        and _affine_ok(w.shape[0], w.shape[1], scale, shift, bits)
+        and _kernels_ready(w, scale, shift)
+    ):
+        return reference.quantize_affine(w, scale, shift, bits)
+    w, scale, shift = w.contiguous(), scale.contiguous(), shift.contiguous()
+    rows, cols = w.shape
+    n_groups = scale.shape[1]
+    packed_cols = cols * bits // 8
+    out = torch.empty((rows, packed_cols), dtype=torch.uint8, device=w.device)
+    if rows and packed_cols:
+        args = (
+            w, _code(w.dtype), scale, _code(scale.dtype), shift, _code(shift.dtype), out, _int64(rows), cols,
+            n_groups, cols // n_groups, bits,
+        )  # fmt: skip
+        _launch("quantize.cu", "qb_quantize_affine", _rows_grid(packed_cols, rows), args, w.device)
+    return out
+
+
+@library.dequantize_affine.register_kernel("cuda")
+def _dequantize_affine(packed: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, bits: int) -> torch.Tensor:
+    cols = packed.shape[-1] * 8 // bits if packed.dim() == 2 and bits in (2, 4) else 0
+    if not (
+        packed.dim() == 2
+        and packed.dtype == torch.uint8
+        and _affine_ok(packed.shape[0], cols, scale, shift, bits)
+        and _kernels_ready(packed, scale, shift)
+    ):
+        return reference.dequantize_affine(packed, scale, shift, bits)
+    packed, scale, shift = packed.contiguous(), scale.contiguous(), shift.contiguous()
+    rows, packed_cols = packed.shape
+    n_groups = scale.shape[1]
+    out = torch.empty((rows, cols), dtype=scale.dtype, device=packed.device)
+    if rows and packed_cols:
+        args = (
+            packed, scale, _code(scale.dtype), shift, _code(shift.dtype), out, _int64(rows), packed_cols,
+            n_groups, cols // n_groups, bits,
+        )  # fmt: skip
+        _launch("quantize.cu", "qb_dequantize_affine", _rows_grid(packed_cols, rows), args, packed.device)
+    return out
+
+
+# --- matmuls ---------------------------------------------------------------------------------------------------
+
+
+def _bias_ok(bias: torch.Tensor | None, n: int) -> bool:
+    return bias is None or (bias.dim() == 1 and bias.shape[0] == n and bias.dtype in _FLOAT)
+
+
+def _matmul(
+    act_format: int,
+    weight_format: int,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    weight_shift: torch.Tensor | None,
+    x_scale: torch.Tensor | None,
+    x_scale_stride: int,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    n_groups: int,
+    group_size: int,
+) -> torch.Tensor:
+    """Runs the GEMV (M <= GEMV_MAX_M) or GEMM kernel for ``x [..., K] @ weight^T``; inputs already checked."""
+    from ..kernels import matmul_entry_point
+
+    k = x.shape[-1]
+    n = weight.shape[0]
+    x2 = x.reshape(-1, k).contiguous()
+    m = x2.shape[0]
+    out = torch.empty((m, n), dtype=out_dtype, device=x.device)
+    if m and n:
+        weight = weight.contiguous()
+        weight_scale = weight_scale.contiguous()
+        weight_shift = None if weight_shift is None else weight_shift.contiguous()
+        bias = None if bias is None else bias.contiguous()
+        if m <= GEMV_MAX_M:
+            kind, grid = "gemv", (math.ceil(n / 8),)
+        else:
+            kind, grid = "gemm", (math.ceil(n / _GEMM_TILE), math.ceil(m / _GEMM_TILE))
+        source, entry_point = matmul_entry_point(kind, act_format, weight_format)
+        args = (
+            x2, weight, weight_scale, weight_shift, x_scale, bias, out,
+            m, n, k, weight.shape[1], n_groups, group_size, x_scale_stride,
+            _code(weight_scale.dtype), _code(bias.dtype) if bias is not None else 0, _code(out_dtype),
+            _vector_ok(x2, k * x2.element_size()), _vector_ok(weight, weight.shape[1]),
+        )  # fmt: skip
+        _launch(source, entry_point, grid, args, x.device)
+    return out.reshape(*x.shape[:-1], n)
+
+
+def _gemm_rows_ok(x: torch.Tensor) -> bool:
+    m = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return m <= GEMV_MAX_M or math.ceil(m / _GEMM_TILE) <= _MAX_GRID_Y
+
+
+@library.linear_w8.register_kernel("cuda")
+def _linear_w8(
+    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    if not (
+        x.dtype in _HALF
+        and weight.dtype in _Q8
+        and weight.dim() == 2
+        and x.dim() >= 1
+        and x.shape[-1] == weight.shape[1] > 0
+        and weight_scale.numel() == weight.shape[0]
+        and weight_scale.dtype in _FLOAT
+        and _bias_ok(bias, weight.shape[0])
+        and _gemm_rows_ok(x)
+        and _kernels_ready(x, weight, weight_scale, bias)
+    ):
+        return reference.linear_w8(x, weight, weight_scale, bias)
+    return _matmul(
+        _code(x.dtype), _code(weight.dtype), x, weight, weight_scale.reshape(-1), None, None, 0, bias, x.dtype,
+        1, weight.shape[1],
+    )  # fmt: skip
+
+
+@library.linear_affine.register_kernel("cuda")
+def _linear_affine(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    weight_shift: torch.Tensor,
+    bits: int,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    from ..kernels.loader import U2_CODE, U4_CODE
+
+    padded = weight.shape[-1] * 8 // bits if weight.dim() == 2 and bits in (2, 4) else 0
+    if not (
+        x.dtype in _HALF
+        and weight.dtype == torch.uint8
+        and x.dim() >= 1
+        and 0 < x.shape[-1] <= padded
+        and _affine_ok(weight.shape[0], padded, weight_scale, weight_shift, bits)
+        and weight_shift.dtype == weight_scale.dtype
+        and (padded // weight_scale.shape[1]) % _GROUP_MULTIPLE == 0
+        and _bias_ok(bias, weight.shape[0])
+        and _gemm_rows_ok(x)
+        and _kernels_ready(x, weight, weight_scale, weight_shift, bias)
+    ):
+        return reference.linear_affine(x, weight, weight_scale, weight_shift, bits, bias)
+    n_groups = weight_scale.shape[1]
+    return _matmul(
+        _code(x.dtype), U4_CODE if bits == 4 else U2_CODE, x, weight, weight_scale, weight_shift, None, 0, bias,
+        x.dtype, n_groups, padded // n_groups,
+    )  # fmt: skip
+
+
+@library.linear_a8w8.register_kernel("cuda")
+def _linear_a8w8(
+    x_q: torch.Tensor,
+    x_scale: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    int8_pair = x_q.dtype == weight.dtype == torch.int8
+    fp8_pair = x_q.dtype in _FP8 and weight.dtype in _FP8 and x_q.is_cuda
+    if fp8_pair and torch.cuda.get_device_capability(x_q.device) < (8, 9):
+        fp8_pair = False  # float8 tensor cores start with Ada (sm_89)
+    layout = _scale_layout(x_q, x_scale)
+    if not (
+        (int8_pair or fp8_pair)
+        and layout is not None
+        and x_scale.dtype in _FLOAT
+        and weight.dim() == 2
+        and x_q.shape[-1] == weight.shape[1] > 0
+        and weight_scale.numel() == weight.shape[0]
+        and weight_scale.dtype in _FLOAT
+        and out_dtype in _FLOAT
+        and _bias_ok(bias, weight.shape[0])
+        and _gemm_rows_ok(x_q)
+        and _kernels_ready(x_q, x_scale, weight, weight_scale, bias)
+    ):
+        return reference.linear_a8w8(x_q, x_scale, weight, weight_scale, bias, out_dtype)
+    x_scale = x_scale.reshape(-1).float().contiguous()
+    return _matmul(
+        _code(x_q.dtype), _code(weight.dtype), x_q, weight, weight_scale.reshape(-1), None, x_scale, layout, bias,
+        out_dtype, 1, weight.shape[1],
+    )  # fmt: skip
