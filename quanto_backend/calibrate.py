@@ -1,4 +1,4 @@
-"""Calibration of static activation scales."""
+"""Calibration of static activation scales (and zero-points), by a running absmax or by any observer."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .nn import QModuleMixin
+from .observers import MovingAverageMinMaxObserver, Observer
+from .qtypes import quint8
 from .tensor import QActivation
 
 __all__ = ["Calibration"]
@@ -33,14 +35,23 @@ class Calibration(TorchFunctionMode):
         momentum: weight of the previous scale in the running average (the first sample sets it).
         streamline: stop quantizing the output of a module whose output is consumed by anything other than a
             quantized module (its ``output_scale`` is removed): the next float operation would only dequantize it.
+        observer: an :class:`~quanto_backend.Observer` class (or any callable taking ``qtype=`` and returning an
+            observer, e.g. ``functools.partial(HistogramObserver, percentile=99.9)``): one is created per module
+            input and output, and the scales (and ``quint8`` zero-points) become its ``calculate_qparams()``.
+            Default: the running absmax above for symmetric activations, and a
+            :class:`~quanto_backend.MovingAverageMinMaxObserver` with ``momentum`` for ``quint8``.
     """
 
-    def __init__(self, momentum: float = 0.9, streamline: bool = True):
+    def __init__(self, momentum: float = 0.9, streamline: bool = True, observer=None):
         super().__init__()
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+        if observer is not None and not callable(observer):
+            raise TypeError(f"observer must be an Observer class or a callable returning one, got {observer!r}")
         self.momentum = momentum
         self.streamline = streamline
+        self.observer = observer
+        self._observers: dict[tuple[int, str], Observer] = {}
         self._handles: list = []
         self._seen: set[tuple[int, str]] = set()
         self._producers = WeakIdKeyDictionary()  # quantized output tensor -> the module that produced it
@@ -58,10 +69,36 @@ class Calibration(TorchFunctionMode):
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._observers.clear()
         self._producers = WeakIdKeyDictionary()
         return super().__exit__(*exc)
 
+    def _observe(self, module: nn.Module, side: str, x: torch.Tensor) -> None:
+        """Feed ``x`` to the observer of ``module``'s ``side`` ("input"/"output") and copy its parameters."""
+        key = (id(module), side)
+        observer = self._observers.get(key)
+        if observer is None:
+            qtype = module.activation_qtype
+            if self.observer is None:
+                observer = MovingAverageMinMaxObserver(qtype=qtype, momentum=self.momentum)
+            else:
+                observer = self.observer(qtype=qtype)
+            if not isinstance(observer, Observer) or observer.qtype != qtype:
+                raise TypeError(f"Calibration's observer must build an Observer for {qtype}, got {observer!r}")
+            self._observers[key] = observer.to(x.device)
+        observer(x)
+        scale, zero_point = observer.calculate_qparams()
+        if scale.ndim != 0:
+            raise ValueError(f"{type(observer).__name__} gives per-axis parameters; activation scales are per tensor")
+        getattr(module, f"{side}_scale").copy_(scale)
+        zero_point_buffer = module._buffers.get(f"{side}_zero_point")
+        if zero_point_buffer is not None:
+            zero_point_buffer.copy_(zero_point)
+
     def _update(self, module: nn.Module, name: str, x: torch.Tensor) -> None:
+        if self.observer is not None or module.activation_qtype == quint8:
+            self._observe(module, name.removesuffix("_scale"), x)
+            return
         scale = (_absmax(x) / module.activation_qtype.qmax).clamp_min(torch.finfo(torch.float32).tiny)
         buffer = getattr(module, name)
         key = (id(module), name)
@@ -75,8 +112,9 @@ class Calibration(TorchFunctionMode):
             return
         self._depth += 1
         module._calibrating = True  # its forward leaves the output float: _after quantizes it, scale updated
-        if module.activation_qtype is not None and module.quantizes_input and args:
-            self._update(module, "input_scale", args[0])
+        # A module with dynamic activation scales has no input_scale: nothing to calibrate.
+        if module.activation_qtype is not None and "input_scale" in module._buffers and args:
+            self._update(module, "input_scale", module.smooth_input(args[0]))
 
     def _after(self, module, args, output):
         if not isinstance(module, QModuleMixin):

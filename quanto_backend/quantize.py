@@ -38,6 +38,7 @@ def quantize(
     exclude: str | list[str] | None = None,
     optimizer=None,
     group_size: int | None = None,
+    activation_scales: str = "static",
 ) -> nn.Module:
     """Replace, in place, every supported submodule of ``model`` by its quantized version.
 
@@ -52,6 +53,9 @@ def quantize(
         exclude: fnmatch patterns of module names to leave float.
         optimizer: ``"absmax"``, ``"minmax"``, ``"hqq"`` or an optimizer instance (default per qtype).
         group_size: inputs per group of the 2/4-bit formats (default 128).
+        activation_scales: ``"static"`` (per-tensor scales set by :class:`~quanto_backend.Calibration` or the
+            static workflow) or ``"dynamic"`` (symmetric int8/float8 scales per token, computed on the fly: no
+            calibration needed).
 
     Returns:
         ``model``, for chaining.
@@ -60,6 +64,8 @@ def quantize(
     if weights is None and activations is None:
         raise ValueError("quantize needs weights and/or activations, got neither")
     qconfig = dict(weights=weights, activations=activations, optimizer=optimizer, group_size=group_size)
+    if activation_scales != "static":  # passed only when set, so quantized classes that predate it still work
+        qconfig["activation_scales"] = activation_scales
     for name, module in list(model.named_modules()):
         if not name or (include and not any(fnmatch(name, p) for p in include)):
             continue

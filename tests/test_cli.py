@@ -23,8 +23,19 @@ def tiny_bert(tmp_path_factory):
 
 
 def test_report_on_a_local_model(tiny_bert, tmp_path, capsys):
-    rows = run(["--model", str(tiny_bert), "--weights", "int8,int2", "--group-size", "32", "--quiet",
-                "--json", str(tmp_path / "out.json")])
+    rows = run(
+        [
+            "--model",
+            str(tiny_bert),
+            "--weights",
+            "int8,int2",
+            "--group-size",
+            "32",
+            "--quiet",
+            "--json",
+            str(tmp_path / "out.json"),
+        ]
+    )
     assert [r["weights"] for r in rows] == ["float32", "qint8", "qint2"]
     assert rows[0]["cosine"] == pytest.approx(1.0)
     assert rows[1]["cosine"] > 0.99 and rows[2]["cosine"] < rows[1]["cosine"]

@@ -5,7 +5,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quanto_backend import Calibration, QActivation, QConv2d, QLayerNorm, QLinear, freeze, qfloat8, qint2, qint4, qint8, quantize
+from quanto_backend import (
+    Calibration,
+    QActivation,
+    QConv2d,
+    QLayerNorm,
+    QLinear,
+    freeze,
+    qfloat8,
+    qint2,
+    qint4,
+    qint8,
+    quantize,
+)
 
 
 def _linear(dtype=torch.float32):

@@ -12,7 +12,7 @@ def _data(n=512):
     centers = torch.randn(4, 20, generator=g) * 2
     target = torch.randint(0, 4, (n,), generator=g)
     data = centers[target] + torch.randn(n, 20, generator=g)
-    return list(zip(data.split(64), target.split(64)))
+    return list(zip(data.split(64), target.split(64), strict=False))
 
 
 def _accuracy(model, loader):
@@ -32,7 +32,7 @@ def test_qat_loop_trains_and_freeze_keeps_accuracy():
     losses = []
 
     model.train()
-    for epoch in range(3):
+    for _epoch in range(3):
         for data, target in train_loader:
             optimizer.zero_grad()
             output = model(data).dequantize()

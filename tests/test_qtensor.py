@@ -9,11 +9,16 @@ from quanto_backend import QActivation, qfloat8, qint2, qint4, qint8, quantize_a
 WEIGHT_CASES = [(qint8, None), (qfloat8, None), (qint4, 32), (qint2, 32)]
 
 
+def _close(actual, expected):
+    # The CPU kernels behind the quantized ops compute in bfloat16 (see quanto_backend/ops/cpu.py).
+    torch.testing.assert_close(actual, expected, rtol=1e-2, atol=1e-2 * expected.abs().max().item())
+
+
 @pytest.mark.parametrize("qtype, group_size", WEIGHT_CASES)
 def test_f_linear_uses_the_quantized_weight(qtype, group_size):
     w, x, b = torch.randn(24, 64), torch.randn(5, 64), torch.randn(24)
     q = quantize_weight(w, qtype, group_size=group_size)
-    torch.testing.assert_close(F.linear(x, q, b), F.linear(x, q.dequantize(), b), rtol=1e-4, atol=1e-4)
+    _close(F.linear(x, q, b), F.linear(x, q.dequantize(), b))
 
 
 def test_linear_routes_to_the_quantized_op(monkeypatch):
@@ -30,8 +35,8 @@ def test_matmul_and_transpose():
     q = quantize_weight(w, qint8)
     qt = q.t()
     assert qt.shape == (64, 24) and type(qt) is type(q)
-    torch.testing.assert_close(torch.matmul(x, qt), x @ q.dequantize().t(), rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(x @ qt, x @ q.dequantize().t(), rtol=1e-4, atol=1e-4)
+    _close(torch.matmul(x, qt), x @ q.dequantize().t())
+    _close(x @ qt, x @ q.dequantize().t())
     torch.testing.assert_close(qt.t().dequantize(), q.dequantize())
 
 
@@ -83,7 +88,7 @@ def test_activation_times_weight_runs_quantized():
     x, w = torch.randn(3, 64), torch.randn(16, 64)
     a = quantize_activation(x, qint8)
     q = quantize_weight(w, qint8)
-    torch.testing.assert_close(F.linear(a, q), F.linear(a.dequantize(), q.dequantize()), rtol=1e-4, atol=1e-4)
+    _close(F.linear(a, q), F.linear(a.dequantize(), q.dequantize()))
 
 
 def test_dequantize_is_differentiable():

@@ -60,7 +60,9 @@ def test_safetensors_round_trip_is_bit_identical(tmp_path, weights, activations)
     a, b = (t.dequantize() if hasattr(t, "qtype") else t for t in (a, b))
     assert torch.equal(a, b)
     for key, value in model.state_dict().items():
-        assert torch.equal(reloaded.state_dict()[key].reshape(-1).view(torch.uint8), value.reshape(-1).view(torch.uint8))
+        assert torch.equal(
+            reloaded.state_dict()[key].reshape(-1).view(torch.uint8), value.reshape(-1).view(torch.uint8)
+        )
 
 
 def _saved(tmp_path):

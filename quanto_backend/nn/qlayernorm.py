@@ -21,7 +21,8 @@ class QLayerNorm(QModuleMixin, nn.LayerNorm):
 
     @classmethod
     def from_module(cls, module: nn.LayerNorm, **qconfig):
-        if qconfig.get("activations") is None:
+        # Dynamic activations are quantized per token by the consuming layer: a normalization has nothing to do.
+        if qconfig.get("activations") is None or qconfig.get("activation_scales", "static") == "dynamic":
             return None
         return super().from_module(module, **{**qconfig, "weights": None})
 

@@ -6,7 +6,11 @@ State of a quantized module (all plain tensors, see the README's "On-disk format
 * ``weight``: the float weight until :meth:`QModuleMixin.freeze`, then the quantized storage (int8, float8,
   or 2/4-bit codes packed into uint8); ``weight_scale`` and, for 2/4-bit, ``weight_shift`` appear with it.
 * ``input_scale`` and ``output_scale``: 0-dim float32 static activation scales, when activations are quantized
-  (``output_scale`` only while the output is quantized, see :class:`~quanto_backend.Calibration`).
+  (``output_scale`` only while the output is quantized, see :class:`~quanto_backend.Calibration`); none with
+  ``activation_scales="dynamic"`` (one scale per token, computed on the fly).
+* ``input_zero_point`` and ``output_zero_point``: 0-dim int32, with the asymmetric ``quint8`` activations.
+* ``input_smooth``: ``[in_features]`` float32 SmoothQuant factors the input is divided by (the weight was
+  multiplied by them), where :func:`~quanto_backend.smooth_quant` could not fold them into a normalization.
 * ``bias``: never quantized.
 """
 
@@ -17,11 +21,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..qtypes import QType, as_qtype
+from ..qtypes import QType, as_qtype, quint8
 from ..tensor import (
     ACTIVATION_QTYPES,
     WEIGHT_QTYPES,
     GroupedQWeight,
+    PerAxisAffineQWeight,
     PerAxisQWeight,
     QActivation,
     as_optimizer,
@@ -30,7 +35,11 @@ from ..tensor import (
     quantize_weight,
 )
 
-__all__ = ["QModuleMixin", "qmodule_class", "quantize_module", "register_qmodule"]
+__all__ = ["ACTIVATION_SCALES", "QModuleMixin", "qmodule_class", "quantize_module", "register_qmodule"]
+
+# "static": per-tensor scales (and zero-points) fixed by calibration; "dynamic": symmetric per-token scales
+# computed on the fly, which need no calibration.
+ACTIVATION_SCALES = ("static", "dynamic")
 
 _QMODULE_CLASSES: dict[type[nn.Module], type[QModuleMixin]] = {}
 
@@ -82,18 +91,30 @@ class QModuleMixin:
         group_size: int | None = None,
         quantize_output: bool = True,
         device: torch.device | str | None = None,
+        activation_scales: str = "static",
+        input_smooth: bool = False,
     ) -> None:
         self.weight_qtype = None if weights is None else as_qtype(weights, WEIGHT_QTYPES, "weights")
         self.activation_qtype = None if activations is None else as_qtype(activations, ACTIVATION_QTYPES, "activations")
+        if activation_scales not in ACTIVATION_SCALES:
+            raise ValueError(f"Unsupported activation_scales {activation_scales!r}; accepted: static, dynamic")
+        if activation_scales == "dynamic" and (self.activation_qtype is None or self.activation_qtype == quint8):
+            raise ValueError(
+                f"activation_scales='dynamic' needs symmetric activations (int8 or float8), got {activations!r}"
+            )
+        self.activation_scales = activation_scales
         self.optimizer = as_optimizer(optimizer)
         self.group_size = group_size
         if self.weight_qtype is not None and self.weight_qtype.is_packed:
             group_layout(self.weight_shape[1:].numel(), group_size)  # validates group_size early
-        if self.activation_qtype is not None:
-            if self.quantizes_input:
-                self.register_buffer("input_scale", torch.ones((), device=device))
-            if quantize_output:
-                self.register_buffer("output_scale", torch.ones((), device=device))
+        if self.activation_qtype is not None and activation_scales == "static":
+            sides = (["input"] if self.quantizes_input else []) + (["output"] if quantize_output else [])
+            for side in sides:
+                self.register_buffer(f"{side}_scale", torch.ones((), device=device))
+                if self.activation_qtype == quint8:
+                    self.register_buffer(f"{side}_zero_point", torch.zeros((), dtype=torch.int32, device=device))
+        if input_smooth:
+            self.register_buffer("input_smooth", torch.ones(self.weight_shape[1], device=device))
         self._calibrating = False
 
     @classmethod
@@ -128,7 +149,7 @@ class QModuleMixin:
         return "output_scale" in self._buffers
 
     @property
-    def qweight(self) -> PerAxisQWeight | GroupedQWeight | None:
+    def qweight(self) -> PerAxisQWeight | PerAxisAffineQWeight | GroupedQWeight | None:
         """The quantized weight as a QTensor: built from the frozen storage, or quantized now from the float
         weight (gradients do not flow through it; see :meth:`forward` for training)."""
         if self.weight_qtype is None:
@@ -142,6 +163,9 @@ class QModuleMixin:
             return GroupedQWeight(
                 self.weight, self.weight_scale, self.weight_shift, self.weight_qtype, group_size, shape, dtype
             )
+        if self.weight_qtype == quint8:
+            qtype = self.weight_qtype
+            return PerAxisAffineQWeight(self.weight, self.weight_scale, self.weight_shift, qtype, shape, dtype)
         return PerAxisQWeight(self.weight, self.weight_scale, self.weight_qtype, 0, shape, dtype)
 
     def freeze(self) -> None:
@@ -163,7 +187,7 @@ class QModuleMixin:
             self._parameters.pop(name, None)
         self.weight = nn.Parameter(qweight.qdata, requires_grad=False)
         self.weight_scale = nn.Parameter(qweight.scale, requires_grad=False)
-        if isinstance(qweight, GroupedQWeight):
+        if isinstance(qweight, (GroupedQWeight, PerAxisAffineQWeight)):
             self.weight_shift = nn.Parameter(qweight.shift, requires_grad=False)
 
     def _train_weight(self) -> torch.Tensor:
@@ -180,17 +204,28 @@ class QModuleMixin:
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.activation_qtype is None:
             return x
-        if isinstance(x, QActivation) and x.qtype == self.activation_qtype:
+        if isinstance(x, QActivation) and x.qtype_name == self.activation_qtype.name:
             return x
-        return quantize_activation(x, self.activation_qtype, self.input_scale)
+        if self.activation_scales == "dynamic":
+            return quantize_activation(x, self.activation_qtype)  # one scale per token, on the fly
+        return quantize_activation(x, self.activation_qtype, self.input_scale, self._buffers.get("input_zero_point"))
 
     def quantize_output(self, y: torch.Tensor) -> torch.Tensor:
         if not self.quantizes_output or self._calibrating:
             return y
-        return quantize_activation(y, self.activation_qtype, self.output_scale)
+        return quantize_activation(y, self.activation_qtype, self.output_scale, self._buffers.get("output_zero_point"))
+
+    def smooth_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x / input_smooth`` where SmoothQuant left its factors on this module; ``x`` otherwise."""
+        smooth = self._buffers.get("input_smooth")
+        if smooth is None:
+            return x
+        x = x.dequantize() if isinstance(x, QActivation) else x
+        return x / smooth.to(x.dtype)
 
     def forward(self, input: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return self.quantize_output(self.qforward(self.quantize_input(input), *args, **kwargs))
+        input = self.quantize_input(self.smooth_input(input))
+        return self.quantize_output(self.qforward(input, *args, **kwargs))
 
     def qforward(self, input: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         raise NotImplementedError
@@ -202,6 +237,8 @@ class QModuleMixin:
             "activations": None if self.activation_qtype is None else self.activation_qtype.name,
             "group_size": self.group_size,
             "quantize_output": self.quantizes_output,
+            "activation_scales": self.activation_scales,
+            "input_smooth": "input_smooth" in self._buffers,
         }
 
     def extra_repr(self) -> str:

@@ -1,8 +1,8 @@
 """The ``quanto_backend::*`` custom ops: the one seam between Python and compute.
 
 Each op is defined with :func:`torch.library.custom_op`. Its default implementation (every device) is the
-plain-torch math of :mod:`.reference`, with fast CPU paths where PyTorch ships a kernel; the CUDA kernels are
-registered over it by :mod:`.cuda`; the fake (meta) implementation lets ``torch.compile`` trace the op as
+plain-torch math of :mod:`.reference`; the CPU kernels are registered over it by :mod:`.cpu` and the CUDA
+kernels by :mod:`.cuda`; the fake (meta) implementation lets ``torch.compile`` trace the op as
 one opaque node.
 """
 
@@ -101,12 +101,6 @@ def linear_w8(
     x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """Weight-only 8-bit linear: int8 or float8 ``weight`` ``[out, in]`` with per-row ``weight_scale`` ``[out, 1]``."""
-    if weight.dtype == torch.int8 and x.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu":
-        # PyTorch's packed int8 CPU kernel reads the int8 weight directly (no float copy of the weight).
-        x2d = x.reshape(-1, x.shape[-1]).contiguous()
-        out = torch._weight_int8pack_mm(x2d, weight, weight_scale.view(-1).to(x.dtype))
-        out = out.view(_out_features_shape(x, weight))
-        return out if bias is None else out + bias
     return reference.linear_w8(x, weight, weight_scale, bias)
 
 
@@ -152,4 +146,71 @@ def linear_a8w8(
 
 @linear_a8w8.register_fake
 def _(x_q, x_scale, weight, weight_scale, bias, out_dtype):
+    return x_q.new_empty(_out_features_shape(x_q, weight), dtype=out_dtype)
+
+
+@torch.library.custom_op(f"{_NS}::quantize_asymmetric", mutates_args=())
+def quantize_asymmetric(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    """uint8 codes ``clamp(round(x / scale) + zero_point, 0, 255)``; ``scale`` and ``zero_point`` broadcast."""
+    return reference.quantize_asymmetric(x, scale, zero_point)
+
+
+@quantize_asymmetric.register_fake
+def _(x, scale, zero_point):
+    return torch.empty_like(x, dtype=torch.uint8)
+
+
+@torch.library.custom_op(f"{_NS}::dequantize_asymmetric", mutates_args=())
+def dequantize_asymmetric(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    """``(q - zero_point) * scale`` in the scale's dtype."""
+    return reference.dequantize_asymmetric(q, scale, zero_point)
+
+
+@dequantize_asymmetric.register_fake
+def _(q, scale, zero_point):
+    shape = torch.broadcast_shapes(q.shape, scale.shape, zero_point.shape)
+    return torch.empty(shape, dtype=scale.dtype, device=q.device)
+
+
+@torch.library.custom_op(f"{_NS}::linear_w8_asymmetric", mutates_args=())
+def linear_w8_asymmetric(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    weight_zero_point: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """Weight-only linear with a per-axis uint8 weight ``[out, in]``, ``weight_scale``/``weight_zero_point``
+    ``[out, 1]``."""
+    return reference.linear_w8_asymmetric(x, weight, weight_scale, weight_zero_point, bias)
+
+
+@linear_w8_asymmetric.register_fake
+def _(x, weight, weight_scale, weight_zero_point, bias):
+    return x.new_empty(_out_features_shape(x, weight))
+
+
+@torch.library.custom_op(f"{_NS}::linear_a8w8_asymmetric", mutates_args=())
+def linear_a8w8_asymmetric(
+    x_q: torch.Tensor,
+    x_scale: torch.Tensor,
+    x_zero_point: torch.Tensor | None,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    weight_zero_point: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Integer activations (uint8 with ``x_zero_point``, or int8) x integer weights (per-axis uint8 with
+    ``weight_zero_point`` ``[out, 1]``, or int8): ``((x_q - zx) @ (w - zw).T) * x_scale * weight_scale.T + bias``.
+
+    ``x_scale``/``x_zero_point`` are 0-dim (per tensor) or ``[..., 1]`` (per token); a ``None`` zero-point is 0.
+    """
+    return reference.linear_a8w8_asymmetric(
+        x_q, x_scale, x_zero_point, weight, weight_scale, weight_zero_point, bias, out_dtype
+    )
+
+
+@linear_a8w8_asymmetric.register_fake
+def _(x_q, x_scale, x_zero_point, weight, weight_scale, weight_zero_point, bias, out_dtype):
     return x_q.new_empty(_out_features_shape(x_q, weight), dtype=out_dtype)

@@ -9,6 +9,10 @@ Conventions, written down here once:
   ``q = clamp(round(w / scale + shift), 0, 2**bits - 1)`` and ``w ~= (q - shift) * scale``. ``scale`` and
   ``shift`` are ``[out, n_groups]`` in the weight's float dtype; ``shift`` is the zero-point in the quantized
   domain (a float, so it needs no rounding). The input dimension is padded to ``n_groups * group_size``.
+* Asymmetric (8-bit, uint8 codes with an integer zero-point): ``q = clamp(round(x / scale) + zero_point, 0, 255)``
+  and ``x ~= (q - zero_point) * scale``. Activations carry a float32 scale and an int32 zero-point (0-dim per
+  tensor); the per-axis uint8 weight (``quint8``) carries ``[out, 1]`` scale and zero-point (integer-valued, in
+  the weight's float dtype, like the group-wise ``shift``).
 * Packing, along the last dimension: a byte holds ``8 // bits`` consecutive values, the first in the lowest bits.
   For 4-bit, byte ``j`` holds values ``2j`` (bits 0-3) and ``2j + 1`` (bits 4-7); for 2-bit, byte ``j`` holds
   values ``4j .. 4j + 3`` at bits ``0-1, 2-3, 4-5, 6-7``.
@@ -93,4 +97,36 @@ def linear_a8w8(x_q, x_scale, weight, weight_scale, bias, out_dtype: torch.dtype
     acc = torch.matmul(x_q.to(acc_dtype), weight.to(acc_dtype).t()).float()
     out = acc * x_scale.float() * weight_scale.float().t()
     out = out.to(out_dtype)
+    return out if bias is None else out + bias.to(out_dtype)
+
+
+UINT8_MAX = 255.0
+
+
+def quantize_asymmetric(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    """uint8 codes ``clamp(round(x / scale) + zero_point, 0, 255)``; ``scale``/``zero_point`` broadcast."""
+    codes = (x.float() / scale.float()).round() + zero_point.float()
+    return codes.clamp(0.0, UINT8_MAX).to(torch.uint8)
+
+
+def dequantize_asymmetric(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    """``(q - zero_point) * scale`` in the scale's dtype."""
+    return ((q.float() - zero_point.float()) * scale.float()).to(scale.dtype)
+
+
+def linear_w8_asymmetric(x, weight, weight_scale, weight_zero_point, bias):
+    w = dequantize_asymmetric(weight, weight_scale, weight_zero_point).to(x.dtype)
+    return F.linear(x, w, bias)
+
+
+def linear_a8w8_asymmetric(x_q, x_scale, x_zero_point, weight, weight_scale, weight_zero_point, bias, out_dtype):
+    """Integer activations x integer weights, either or both with zero-points.
+
+    Exact: ``(x_q - zx) @ (w - zw).T`` expands to ``x_q @ w.T - zx * sum(w) - zw * sum(x_q) + K * zx * zw``, an
+    integer matmul plus rank-one corrections (what a kernel computes); float64 holds every term exactly.
+    """
+    x = x_q.double() if x_zero_point is None else x_q.double() - x_zero_point.double()
+    w = weight.double() if weight_zero_point is None else weight.double() - weight_zero_point.double()
+    acc = torch.matmul(x, w.t()).float()
+    out = (acc * x_scale.float() * weight_scale.float().t()).to(out_dtype)
     return out if bias is None else out + bias.to(out_dtype)

@@ -1,13 +1,14 @@
 """The math of quantization and the QTensor family."""
 
-from .activations import ACTIVATION_QTYPES, QActivation, quantize_activation
+from .activations import ACTIVATION_QTYPES, AffineQActivation, QActivation, quantize_activation
 from .linear import qlinear
-from .optimizers import AbsmaxOptimizer, AffineOptimizer, HqqOptimizer, MinMaxOptimizer, as_optimizer
+from .optimizers import AbsmaxOptimizer, AffineOptimizer, HqqOptimizer, MinMaxOptimizer, as_optimizer, choose_qparams
 from .qtensor import QTensor, register_qtensor_function
 from .weights import (
     DEFAULT_GROUP_SIZE,
     WEIGHT_QTYPES,
     GroupedQWeight,
+    PerAxisAffineQWeight,
     PerAxisQWeight,
     group_layout,
     quantize_weight,
@@ -19,13 +20,16 @@ __all__ = [
     "WEIGHT_QTYPES",
     "AbsmaxOptimizer",
     "AffineOptimizer",
+    "AffineQActivation",
     "GroupedQWeight",
     "HqqOptimizer",
     "MinMaxOptimizer",
+    "PerAxisAffineQWeight",
     "PerAxisQWeight",
     "QActivation",
     "QTensor",
     "as_optimizer",
+    "choose_qparams",
     "group_layout",
     "qlinear",
     "quantize_activation",

@@ -1,61 +1,100 @@
-"""Quantized activations: symmetric int8/float8 with a per-tensor (0-dim) or per-token (``[..., 1]``) scale."""
+"""Quantized activations: symmetric int8/float8 with a per-tensor (0-dim) or per-token (``[..., 1]``) scale, and
+asymmetric uint8 (``quint8``) with a static scale and zero-point."""
 
 from __future__ import annotations
 
 import torch
 
 from .. import ops
-from ..qtypes import QType, as_qtype, qfloat8_e4m3fn, qfloat8_e5m2, qint8
+from ..qtypes import QType, as_qtype, qfloat8_e4m3fn, qfloat8_e5m2, qint8, qtypes, quint8
 from .qtensor import QTensor
 
-__all__ = ["ACTIVATION_QTYPES", "QActivation", "quantize_activation"]
+__all__ = ["ACTIVATION_QTYPES", "AffineQActivation", "QActivation", "quantize_activation"]
 
-ACTIVATION_QTYPES = (qint8, qfloat8_e4m3fn, qfloat8_e5m2)
+ACTIVATION_QTYPES = (qint8, quint8, qfloat8_e4m3fn, qfloat8_e5m2)
 
 
 class QActivation(QTensor):
     """An activation quantized symmetrically: ``x ~= qdata * scale`` with float32 ``scale``."""
 
     _inner_names = ("qdata", "scale")
-    _meta_names = ("qtype",)
+    # The qtype travels by name: torch.compile can carry a string through a graph, not a QType object.
+    _meta_names = ("qtype_name",)
 
     @staticmethod
-    def __new__(cls, qdata, scale, qtype, shape, dtype, requires_grad=False):
+    def __new__(cls, qdata, scale, qtype_name, shape, dtype, requires_grad=False):
         return QTensor.__new__(cls, shape=shape, dtype=dtype, device=qdata.device, requires_grad=requires_grad)
 
-    def __init__(self, qdata, scale, qtype: QType, shape, dtype, requires_grad=False):
-        self.qdata, self.scale, self.qtype = qdata, scale, qtype
+    def __init__(self, qdata, scale, qtype_name: str, shape, dtype, requires_grad=False):
+        self.qdata, self.scale, self.qtype_name = qdata, scale, qtype_name
+
+    @property
+    def qtype(self) -> QType:
+        return qtypes[self.qtype_name]
 
     def _dequantize(self) -> torch.Tensor:
         return (self.qdata.float() * self.scale).to(self.dtype)
+
+
+class AffineQActivation(QActivation):
+    """An activation quantized asymmetrically to uint8: ``x ~= (qdata - zero_point) * scale`` with float32
+    ``scale`` and int32 ``zero_point`` (0-dim, or broadcastable per token)."""
+
+    _inner_names = ("qdata", "scale", "zero_point")
+
+    @staticmethod
+    def __new__(cls, qdata, scale, zero_point, qtype_name, shape, dtype, requires_grad=False):
+        return QTensor.__new__(cls, shape=shape, dtype=dtype, device=qdata.device, requires_grad=requires_grad)
+
+    def __init__(self, qdata, scale, zero_point, qtype_name: str, shape, dtype, requires_grad=False):
+        self.qdata, self.scale, self.zero_point, self.qtype_name = qdata, scale, zero_point, qtype_name
+
+    def _dequantize(self) -> torch.Tensor:
+        return ((self.qdata.float() - self.zero_point) * self.scale).to(self.dtype)
 
 
 class _QuantizeActivation(torch.autograd.Function):
     """Quantization with a straight-through gradient, so training sees quantized activations."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, scale: torch.Tensor | None, qtype: QType) -> QActivation:
+    def forward(
+        ctx, x: torch.Tensor, scale: torch.Tensor | None, qtype: QType, zero_point: torch.Tensor | None = None
+    ) -> QActivation:
+        if zero_point is not None:
+            qdata = ops.quantize_asymmetric(x, scale, zero_point)
+            return AffineQActivation(qdata, scale.float(), zero_point, qtype.name, x.shape, x.dtype)
         if scale is None:
             qdata, scale = ops.quantize_per_token(x, qtype.dtype)
         else:
             qdata = ops.quantize_symmetric(x, scale, qtype.dtype)
-        return QActivation(qdata, scale.float(), qtype, x.shape, x.dtype)
+        return QActivation(qdata, scale.float(), qtype.name, x.shape, x.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return grad, None, None
+        return grad, None, None, None
 
 
-def quantize_activation(x: torch.Tensor, qtype: QType | str = qint8, scale: torch.Tensor | None = None) -> QActivation:
+def quantize_activation(
+    x: torch.Tensor,
+    qtype: QType | str = qint8,
+    scale: torch.Tensor | None = None,
+    zero_point: torch.Tensor | None = None,
+) -> QActivation:
     """Quantize an activation.
 
     Args:
         x: the float activation.
-        qtype: ``qint8``, ``qfloat8_e4m3fn`` or ``qfloat8_e5m2``.
+        qtype: ``qint8``, ``qfloat8_e4m3fn`` or ``qfloat8_e5m2`` (symmetric), or ``quint8`` (asymmetric).
         scale: a static scale (0-dim, or broadcastable per token); ``None`` computes one scale per token
-            (the last dimension reduced) on the fly.
+            (the last dimension reduced) on the fly (symmetric qtypes only).
+        zero_point: the int32 zero-point of ``quint8`` (required with it, refused with the others).
     """
     qtype = as_qtype(qtype, ACTIVATION_QTYPES, "activations")
+    # Identity, not dataclass equality: qtypes are registry singletons, and dynamo folds `is` to a constant.
+    if qtype is quint8 and (scale is None or zero_point is None):
+        raise ValueError("quint8 activations need a static scale and zero_point (from an observer or Calibration)")
+    if qtype is not quint8 and zero_point is not None:
+        raise ValueError(f"{qtype} activations are symmetric and take no zero_point; quint8 takes one")
     if isinstance(x, QActivation):
         x = x.dequantize()
-    return _QuantizeActivation.apply(x, scale, qtype)
+    return _QuantizeActivation.apply(x, scale, qtype, zero_point)

@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from torch.utils._pytree import tree_map
 
 from .. import ops
-from .activations import QActivation
+from .activations import AffineQActivation, QActivation
 from .qtensor import QTensor, register_qtensor_function
-from .weights import GroupedQWeight, PerAxisQWeight
+from .weights import GroupedQWeight, PerAxisAffineQWeight, PerAxisQWeight
 
 __all__ = ["qlinear"]
 
@@ -27,19 +27,28 @@ def qlinear(
 
     Args:
         x: float input, or a :class:`QActivation` (int8 x int8 and float8 x float8 then run quantized end to end).
-        weight: int8/float8 ``[out, in]``, or packed 2/4-bit codes when ``weight_shift`` is given.
+        weight: int8/float8 ``[out, in]``, uint8 ``[out, in]`` (``quint8``, with ``weight_shift`` and ``bits=8``),
+            or packed 2/4-bit codes when ``weight_shift`` is given.
         weight_scale: ``[out, 1]`` per-axis, or ``[out, n_groups]`` group-wise.
         bias: float bias or ``None``.
-        weight_shift: the group-wise shift of the 2/4-bit formats.
+        weight_shift: the zero-point of ``quint8`` (``[out, 1]``) or the group-wise shift of the 2/4-bit formats.
         bits: code width of a packed weight.
     """
+    per_axis_shift = weight_shift is not None and bits == 8  # quint8: per-axis affine, not packed
     if isinstance(x, QActivation):
-        same_family = x.qtype.is_floating_point == weight.dtype.is_floating_point
-        if weight_shift is None and same_family and not x.requires_grad:
-            return ops.linear_a8w8(x.qdata, x.scale, weight, weight_scale, bias, x.dtype)
+        same_family = x.qdata.dtype.is_floating_point == weight.dtype.is_floating_point
+        if (weight_shift is None or per_axis_shift) and same_family and not x.requires_grad:
+            zero_point = x.zero_point if isinstance(x, AffineQActivation) else None
+            if zero_point is None and weight_shift is None:
+                return ops.linear_a8w8(x.qdata, x.scale, weight, weight_scale, bias, x.dtype)
+            return ops.linear_a8w8_asymmetric(
+                x.qdata, x.scale, zero_point, weight, weight_scale, weight_shift, bias, x.dtype
+            )
         x = x.dequantize()
     if weight_shift is None:
         return ops.linear_w8(x, weight, weight_scale, bias)
+    if per_axis_shift:
+        return ops.linear_w8_asymmetric(x, weight, weight_scale, weight_shift, bias)
     return ops.linear_affine(x, weight, weight_scale, weight_shift, bits, bias)
 
 
@@ -56,6 +65,8 @@ def _linear(input, weight, bias=None):
     if not _needs_grad(input, weight, bias):
         if isinstance(weight, PerAxisQWeight) and weight.axis == 0 and weight.ndim == 2:
             return qlinear(input, weight.qdata, weight.scale, bias)
+        if isinstance(weight, PerAxisAffineQWeight) and weight.ndim == 2:
+            return qlinear(input, weight.qdata, weight.scale, bias, weight.shift, 8)
         if isinstance(weight, GroupedQWeight) and weight.ndim == 2:
             return qlinear(input, weight.qdata, weight.scale, bias, weight.shift, weight.qtype.bits)
     return F.linear(*_dequantized((input, weight, bias)))

@@ -14,7 +14,35 @@ import torch
 
 from ..qtypes import QType
 
-__all__ = ["AbsmaxOptimizer", "AffineOptimizer", "HqqOptimizer", "MinMaxOptimizer", "as_optimizer"]
+__all__ = ["AbsmaxOptimizer", "AffineOptimizer", "HqqOptimizer", "MinMaxOptimizer", "as_optimizer", "choose_qparams"]
+
+
+def choose_qparams(
+    min_val: torch.Tensor, max_val: torch.Tensor, qtype: QType, symmetric: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, zero_point)`` mapping the observed range ``[min_val, max_val]`` onto ``qtype``'s codes.
+
+    The range is widened to include 0, so that 0 (padding, ReLU) is exact. Symmetric: ``scale = absmax / half
+    range`` and the zero-point is the middle code (0 for ``qint8``/float8, 128 for ``quint8``). Asymmetric
+    (integer qtypes only): ``scale = (max - min) / (qmax - qmin)`` and ``zero_point = qmin - round(min / scale)``,
+    an integer so that integer kernels stay exact. A range of zero width gets scale 1.
+
+    Returns float32 ``scale`` and int32 ``zero_point``, both shaped like ``min_val``.
+    """
+    min_val = torch.minimum(min_val.float(), torch.zeros_like(min_val, dtype=torch.float32))
+    max_val = torch.maximum(max_val.float(), torch.zeros_like(max_val, dtype=torch.float32))
+    if qtype.is_floating_point and not symmetric:
+        raise ValueError(f"{qtype} has no zero-point: only a symmetric mapping is accepted")
+    if symmetric:
+        absmax = torch.maximum(-min_val, max_val)
+        zero_point = torch.full_like(absmax, round((qtype.qmin + qtype.qmax) / 2 + 0.25))
+        scale = absmax / ((qtype.qmax - qtype.qmin) / 2)
+    else:
+        scale = (max_val - min_val) / (qtype.qmax - qtype.qmin)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    if not symmetric:
+        zero_point = (qtype.qmin - (min_val / scale).round()).clamp(qtype.qmin, qtype.qmax)
+    return scale, zero_point.to(torch.int32)
 
 
 class AbsmaxOptimizer:

@@ -5,20 +5,21 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from ..qtypes import QType, as_qtype, qfloat8_e4m3fn, qfloat8_e5m2, qint2, qint4, qint8
-from .optimizers import AbsmaxOptimizer, AffineOptimizer, HqqOptimizer, as_optimizer
+from ..qtypes import QType, as_qtype, qfloat8_e4m3fn, qfloat8_e5m2, qint2, qint4, qint8, quint8
+from .optimizers import AbsmaxOptimizer, AffineOptimizer, HqqOptimizer, MinMaxOptimizer, as_optimizer, choose_qparams
 from .qtensor import QTensor
 
 __all__ = [
     "DEFAULT_GROUP_SIZE",
     "GroupedQWeight",
+    "PerAxisAffineQWeight",
     "PerAxisQWeight",
     "WEIGHT_QTYPES",
     "group_layout",
     "quantize_weight",
 ]
 
-WEIGHT_QTYPES = (qint2, qint4, qint8, qfloat8_e4m3fn, qfloat8_e5m2)
+WEIGHT_QTYPES = (qint2, qint4, qint8, quint8, qfloat8_e4m3fn, qfloat8_e5m2)
 DEFAULT_GROUP_SIZE = 128
 # Kernels read whole bytes of packed codes and vectorise along the input dimension: groups are multiples of 8.
 GROUP_SIZE_MULTIPLE = 8
@@ -47,6 +48,29 @@ class PerAxisQWeight(QTensor):
         if self.ndim != 2:
             raise ValueError(f"Only a 2-D quantized weight can be transposed, got shape {tuple(self.shape)}")
         return PerAxisQWeight(self.qdata.t(), self.scale.t(), self.qtype, 1 - self.axis, self.shape[::-1], self.dtype)
+
+
+class PerAxisAffineQWeight(QTensor):
+    """An 8-bit asymmetric weight (``quint8``): uint8 codes with one scale and one integer zero-point per output
+    channel, ``w ~= (q - shift) * scale``.
+
+    ``qdata`` is uint8 ``[out, in]``; ``scale`` and ``shift`` are ``[out, 1]`` in the weight's float dtype (the
+    shift holds integers in [0, 255], exact in bfloat16/float16), so integer kernels stay exact.
+    """
+
+    _inner_names = ("qdata", "scale", "shift")
+    _meta_names = ("qtype",)
+
+    @staticmethod
+    def __new__(cls, qdata, scale, shift, qtype, shape, dtype, requires_grad=False):
+        return QTensor.__new__(cls, shape=shape, dtype=dtype, device=qdata.device, requires_grad=requires_grad)
+
+    def __init__(self, qdata, scale, shift, qtype: QType, shape, dtype, requires_grad=False):
+        self.qdata, self.scale, self.shift, self.qtype = qdata, scale, shift, qtype
+
+    def _dequantize(self) -> torch.Tensor:
+        w = ops.dequantize_asymmetric(self.qdata.reshape(self.shape[0], -1), self.scale, self.shift)
+        return w.reshape(self.shape).to(self.dtype)
 
 
 class GroupedQWeight(QTensor):
@@ -91,16 +115,17 @@ def quantize_weight(
     qtype: QType | str = qint8,
     group_size: int | None = None,
     optimizer: AbsmaxOptimizer | AffineOptimizer | str | None = None,
-) -> PerAxisQWeight | GroupedQWeight:
+) -> PerAxisQWeight | PerAxisAffineQWeight | GroupedQWeight:
     """Quantize a float weight ``[out, in, ...]``.
 
     Args:
         weight: the float weight; output channels on axis 0.
         qtype: ``qint8``/``qfloat8*`` give per-output-channel symmetric scales; ``qint4``/``qint2`` give
-            group-wise affine scale and shift along the inputs.
+            group-wise affine scale and shift along the inputs; ``quint8`` gives per-output-channel uint8 codes
+            with a scale and an integer zero-point (``shift``) from each channel's min and max.
         group_size: inputs per group for 2/4-bit (default 128); ignored for 8-bit.
         optimizer: ``"absmax"`` (8-bit default), ``"minmax"`` or ``"hqq"`` (2/4-bit; default ``"hqq"``), or an
-            optimizer instance.
+            optimizer instance; ``quint8`` takes only ``"minmax"`` (its default).
     """
     qtype = as_qtype(qtype, WEIGHT_QTYPES, "weights")
     optimizer = as_optimizer(optimizer)
@@ -112,6 +137,8 @@ def quantize_weight(
         raise ValueError("Cannot quantize a weight holding NaN or Inf values")
     if qtype.is_packed:
         return _quantize_grouped(weight, qtype, group_size, optimizer or HqqOptimizer())
+    if qtype == quint8:
+        return _quantize_per_axis_affine(weight, qtype, optimizer)
     if isinstance(optimizer, AffineOptimizer):
         raise ValueError(f"{qtype} weights take a symmetric optimizer ('absmax'), not {type(optimizer).__name__}")
     scale = (optimizer or AbsmaxOptimizer())(weight, qtype, axis=0).to(weight.dtype)
@@ -135,3 +162,14 @@ def _quantize_grouped(weight: torch.Tensor, qtype: QType, group_size: int | None
     scale, shift = scale.to(weight.dtype), shift.to(weight.dtype)
     data = ops.quantize_affine(flat, scale, shift, qtype.bits)
     return GroupedQWeight(data, scale, shift, qtype, group_size, weight.shape, weight.dtype)
+
+
+def _quantize_per_axis_affine(weight: torch.Tensor, qtype: QType, optimizer) -> PerAxisAffineQWeight:
+    if optimizer is not None and type(optimizer) is not MinMaxOptimizer:
+        raise ValueError(f"{qtype} weights take the 'minmax' optimizer, not {type(optimizer).__name__}")
+    flat = weight.reshape(weight.shape[0], -1)
+    scale, zero_point = choose_qparams(flat.amin(dim=1, keepdim=True), flat.amax(dim=1, keepdim=True), qtype, False)
+    # The codes are computed with the scale as stored (in the weight's dtype), so dequantization matches them.
+    scale, shift = scale.to(weight.dtype), zero_point.to(weight.dtype)
+    data = ops.quantize_asymmetric(flat, scale, shift)
+    return PerAxisAffineQWeight(data, scale, shift, qtype, weight.shape, weight.dtype)
