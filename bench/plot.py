@@ -1,0 +1,213 @@
+"""Charts of the benchmark results (one function per benchmark JSON) and the machine description, shared by the
+bench scripts.
+
+Each bench script calls its function after writing its JSON; to redraw from a JSON file (e.g. the one
+``bench/kernels.py`` writes):
+
+    python bench/plot.py bench/results/kernels-cpu.json      # writes bench/results/kernels-cpu.png
+
+The kind of chart is read from the JSON's ``benchmark`` field, or from the file name (``kernels-*``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+from collections.abc import Callable
+from pathlib import Path
+
+import matplotlib
+import torch
+
+matplotlib.use("Agg")  # files only: no display on benchmark machines
+import matplotlib.pyplot as plt  # noqa: E402
+
+__all__ = ["machine_info", "plot_accuracy", "plot_cpu_linear", "plot_file", "plot_kernels", "plot_models"]
+
+
+def machine_info() -> dict:
+    """What the numbers were measured on: CPU model, cores, load, library versions."""
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch": torch.__version__,
+        "loadavg_1m_5m_15m": load,
+    }
+
+
+def _bar_group(ax, labels: list[str], series: dict[str, list[float]], ylabel: str, fmt: str = "{:.2f}") -> None:
+    """Grouped bars: one group per label, one bar per series, each bar annotated with its value."""
+    n = max(len(series), 1)
+    width = 0.8 / n
+    for i, (name, values) in enumerate(series.items()):
+        xs = [j + (i - (n - 1) / 2) * width for j in range(len(labels))]
+        bars = ax.bar(xs, values, width, label=name)
+        ax.bar_label(bars, labels=[fmt.format(v) if v == v else "" for v in values], fontsize=6, rotation=90)
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_ylabel(ylabel)
+    ax.margins(y=0.2)
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_kernels(report: dict, path: Path) -> Path:
+    """``bench/kernels.py``: speedup over the float baseline and achieved bandwidth, per shape, qtype/mode and M."""
+    rows = report["linear"]
+    shapes = sorted({(r["in_features"], r["out_features"]) for r in rows})
+    cases = list(dict.fromkeys((r["qtype"], r["mode"]) for r in rows))
+    baseline = "bfloat16" if any("speedup_vs_bfloat16" in r for r in rows) else "float32"
+    if report.get("device") == "cpu" and any("speedup_vs_float32" in r for r in rows):
+        baseline = "float32"
+    use_peak = all("peak_fraction" in r for r in rows)
+    fig, axes = plt.subplots(2, len(shapes), figsize=(5 * len(shapes), 7), squeeze=False)
+    for col, (k, n) in enumerate(shapes):
+        ms = sorted({r["m"] for r in rows if (r["in_features"], r["out_features"]) == (k, n)})
+        by_key = {(r["qtype"], r["mode"], r["m"]): r for r in rows if (r["in_features"], r["out_features"]) == (k, n)}
+        speed, bandwidth = {}, {}
+        for qtype, mode in cases:
+            label = f"{qtype} {mode}"
+            picked = [by_key.get((qtype, mode, m)) for m in ms]
+            speed[label] = [r[f"speedup_vs_{baseline}"] if r else float("nan") for r in picked]
+            key = "peak_fraction" if use_peak else "gbps"
+            bandwidth[label] = [r[key] if r else float("nan") for r in picked]
+        labels = [f"M={m}" for m in ms]
+        _bar_group(axes[0][col], labels, speed, f"speedup vs {baseline} F.linear")
+        axes[0][col].axhline(1.0, color="black", linewidth=0.8)
+        axes[0][col].set_title(f"{k} -> {n}")
+        bw_label = "fraction of peak bandwidth" if use_peak else "achieved bandwidth (GB/s)"
+        _bar_group(axes[1][col], labels, bandwidth, bw_label)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"quantized linear kernels on {report.get('device', '?')} (torch {report.get('torch', '?')})")
+    return _save(fig, path)
+
+
+def plot_cpu_linear(report: dict, path: Path) -> Path:
+    """``bench/cpu_linear.py``: median time per configuration and M, with the speedup over float32."""
+    rows = report["rows"]
+    ms = sorted({r["m"] for r in rows})
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    fig, axes = plt.subplots(1, len(ms), figsize=(6 * len(ms), 4.5), squeeze=False)
+    for ax, m in zip(axes[0], ms, strict=True):
+        picked = {r["config"]: r for r in rows if r["m"] == m}
+        names = [c for c in configs if c in picked]
+        times = [picked[c]["median_ms"] for c in names]
+        bars = ax.barh(
+            names,
+            times,
+            xerr=[
+                [picked[c]["median_ms"] - picked[c]["q1_ms"] for c in names],
+                [picked[c]["q3_ms"] - picked[c]["median_ms"] for c in names],
+            ],
+        )
+        ax.bar_label(
+            bars,
+            labels=[f"{t:.2f} ms  x{picked[c]['speedup_vs_float32']:.2f}" for t, c in zip(times, names, strict=True)],
+            fontsize=7,
+            padding=3,
+        )
+        ax.invert_yaxis()
+        ax.set_xlabel("median time (ms), bar = interquartile range")
+        ax.set_title(f"M={m}")
+        ax.margins(x=0.45)
+    shape = f"{report['in_features']} -> {report['out_features']}"
+    fig.suptitle(
+        f"CPU linear {shape}, {report['threads']} threads, {report['machine']['cpu']} (x = speedup vs float32)"
+    )
+    return _save(fig, path)
+
+
+def plot_models(report: dict, path: Path) -> Path:
+    """``bench/models.py``: decode, prefill, peak memory, and from_pretrained load time and memory."""
+    rows = report["rows"]
+    names = [r["config"] for r in rows]
+    panels = [
+        ("decode_ms_per_token", "decode (ms / token)"),
+        ("prefill_ms", f"prefill of {report['prompt_tokens']} tokens (ms)"),
+        ("peak_memory_mb", "peak memory, generate (MB)"),
+        ("weights_mb", "weights (MB)"),
+    ]
+    loads = report.get("load", [])
+    fig, axes = plt.subplots(1, len(panels) + (2 if loads else 0), figsize=(4 * (len(panels) + 2), 4))
+    for ax, (key, title) in zip(axes, panels, strict=False):
+        values = [r.get(key, float("nan")) for r in rows]
+        bars = ax.bar(names, values)
+        ax.bar_label(bars, labels=[f"{v:.1f}" for v in values], fontsize=7)
+        ax.set_title(title, fontsize=9)
+        ax.tick_params(axis="x", rotation=45, labelsize=7)
+    if loads:
+        load_names = [r["config"] for r in loads]
+        for ax, (key, title) in zip(
+            axes[len(panels) :],
+            [("load_s", "from_pretrained time (s)"), ("load_peak_mb", "load peak RSS (MB)")],
+            strict=True,
+        ):
+            values = [r[key] for r in loads]
+            bars = ax.bar(load_names, values, color="tab:orange")
+            ax.bar_label(bars, labels=[f"{v:.1f}" for v in values], fontsize=7)
+            ax.set_title(title, fontsize=9)
+            ax.tick_params(axis="x", rotation=45, labelsize=7)
+    fig.suptitle(f"{report['model']} on {report['device']} ({report['dtype']})")
+    return _save(fig, path)
+
+
+def plot_accuracy(report: dict, path: Path) -> Path:
+    """``bench/accuracy.py``: cosine of quantized vs float sentence embeddings, per configuration."""
+    rows = report["rows"]
+    names = [r["config"] for r in rows]
+    gaps = [max(1.0 - r["cosine"], 1e-7) for r in rows]
+    fig, ax = plt.subplots(figsize=(1.1 * len(rows) + 3, 4.5))
+    bars = ax.bar(names, gaps)
+    ax.bar_label(bars, labels=[f"{r['cosine']:.5f}" for r in rows], fontsize=7)
+    ax.set_yscale("log")
+    ax.set_ylabel("1 - cosine (log scale; label: cosine)")
+    ax.tick_params(axis="x", rotation=45, labelsize=7)
+    ax.set_title(f"{report['model_name']}: mean cosine over {report['sentences']} sentences vs float32")
+    return _save(fig, path)
+
+
+PLOTTERS: dict[str, Callable[[dict, Path], Path]] = {
+    "kernels": plot_kernels,
+    "cpu_linear": plot_cpu_linear,
+    "models": plot_models,
+    "accuracy": plot_accuracy,
+}
+
+
+def plot_file(json_path: Path, png_path: Path | None = None) -> Path:
+    """Draw the chart of one results JSON (next to it, as ``.png``, unless ``png_path`` is given)."""
+    report = json.loads(json_path.read_text())
+    kind = report.get("benchmark") or json_path.stem.split("-")[0]
+    if kind not in PLOTTERS:
+        raise ValueError(f"{json_path}: unknown benchmark {kind!r}; known: {', '.join(PLOTTERS)}")
+    return PLOTTERS[kind](report, png_path or json_path.with_suffix(".png"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Draw the PNG chart of benchmark JSON files.")
+    parser.add_argument("json", type=Path, nargs="+")
+    args = parser.parse_args(argv)
+    for path in args.json:
+        print(f"wrote {plot_file(path)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,241 @@
+"""The CPU fast paths of :mod:`quanto_backend.ops.cpu` against :mod:`quanto_backend.ops.reference`.
+
+Each case also checks which path ran: a spy counts the calls of PyTorch's packed kernels, so a silent fallback to
+the reference (or a fast path taken where the kernel is wrong) fails the test.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+from torch import nn
+
+from quanto_backend import freeze, ops, quantize
+from quanto_backend.ops import cpu, reference
+
+M_VALUES = (1, 2, 7, 32, 333)
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# The kernels round activations (float32/float16) and outputs to bfloat16: about 2**-9 relative each.
+KERNEL_RTOL = 1e-2
+
+
+class Spy:
+    """Counts calls of the packed CPU kernels (and still runs them)."""
+
+    NAMES = ("_weight_int8pack_mm", "_weight_int4pack_mm_for_cpu", "_convert_weight_to_int4pack_for_cpu")
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls = dict.fromkeys(self.NAMES, 0)
+        for name in self.NAMES:
+            monkeypatch.setattr(torch, name, self._counting(name, getattr(torch, name)))
+
+    def _counting(self, name, fn):
+        def wrapper(*args, **kwargs):
+            self.calls[name] += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    def reset(self) -> None:
+        self.calls = dict.fromkeys(self.NAMES, 0)
+
+
+@pytest.fixture
+def spy(monkeypatch) -> Spy:
+    cpu.clear_cache()
+    yield Spy(monkeypatch)
+    cpu.clear_cache()
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def check(out: torch.Tensor, ref: torch.Tensor, fast: bool) -> None:
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    if fast:
+        assert rel_err(out, ref) < KERNEL_RTOL
+    else:
+        assert torch.equal(out, ref)  # the fallback is the reference itself
+
+
+def int8_weight(out_features: int, in_features: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    q, scale = ops.quantize_per_token(torch.randn(out_features, in_features), torch.int8)
+    return q, scale.to(dtype)
+
+
+# ---- int8 weights ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", M_VALUES)
+@pytest.mark.parametrize("shape", [(64, 256), (48, 4104), (7, 96), (33, 40), (16, 4100), (5, 12)])
+def test_linear_w8(spy, shape, m, dtype):
+    out_features, in_features = shape
+    weight, scale = int8_weight(out_features, in_features, dtype)
+    x = torch.randn(m, in_features).to(dtype)
+    bias = torch.randn(out_features).to(dtype)
+    out = ops.linear_w8(x, weight, scale, bias)
+    fast = in_features % 8 == 0 and (dtype == torch.bfloat16 or m <= cpu.INT8_MAX_ROWS)
+    assert spy.calls["_weight_int8pack_mm"] == int(fast)
+    check(out, reference.linear_w8(x, weight, scale, bias), fast)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_w8_batched_input_and_float32_scale(spy, dtype):
+    weight, scale = int8_weight(32, 64, torch.float32)  # a float32 scale with lower-precision activations
+    x = torch.randn(2, 3, 64).to(dtype)
+    out = ops.linear_w8(x, weight, scale, None)
+    assert spy.calls["_weight_int8pack_mm"] == 1
+    check(out, reference.linear_w8(x, weight, scale.to(dtype), None), fast=True)
+
+
+def test_linear_w8_float8_weight_takes_the_reference(spy):
+    weight = torch.randn(16, 32).to(torch.float8_e4m3fn)
+    scale, x = torch.rand(16, 1), torch.randn(3, 32)
+    check(ops.linear_w8(x, weight, scale, None), reference.linear_w8(x, weight, scale, None), fast=False)
+    assert spy.calls["_weight_int8pack_mm"] == 0
+
+
+# ---- int8 x int8 -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("out_dtype", DTYPES)
+@pytest.mark.parametrize("m", M_VALUES)
+@pytest.mark.parametrize("per_token", [True, False])
+@pytest.mark.parametrize("shape", [(64, 256), (48, 4104), (16, 4100)])
+def test_linear_a8w8(spy, shape, per_token, m, out_dtype):
+    out_features, in_features = shape
+    weight, w_scale = int8_weight(out_features, in_features, out_dtype)
+    x_q, x_scale = ops.quantize_per_token(torch.randn(m, in_features), torch.int8)
+    if not per_token:
+        x_scale = x_scale.amax()
+    bias = torch.randn(out_features).to(out_dtype)
+    out = ops.linear_a8w8(x_q, x_scale, weight, w_scale, bias, out_dtype)
+    fast = in_features % 8 == 0  # exact int8 inputs: the kernel wins at every M
+    assert spy.calls["_weight_int8pack_mm"] == int(fast)
+    check(out, reference.linear_a8w8(x_q, x_scale, weight, w_scale, bias, out_dtype), fast)
+
+
+def test_linear_a8w8_float8_takes_the_reference(spy):
+    weight, x_q = torch.randn(16, 32).to(torch.float8_e4m3fn), torch.randn(3, 32).to(torch.float8_e4m3fn)
+    args = (x_q, torch.tensor(0.5), weight, torch.rand(16, 1), None, torch.float32)
+    check(ops.linear_a8w8(*args), reference.linear_a8w8(*args), fast=False)
+    assert spy.calls["_weight_int8pack_mm"] == 0
+
+
+# ---- 2/4-bit weights -------------------------------------------------------------------------------------------
+def affine_weight(out_features: int, in_features: int, group_size: int, bits: int, dtype: torch.dtype):
+    padded_in = -(-in_features // group_size) * group_size
+    codes = torch.randint(0, 2**bits, (out_features, padded_in), dtype=torch.uint8)
+    n_groups = padded_in // group_size
+    scale = (torch.rand(out_features, n_groups) * 0.02 + 0.005).to(dtype)
+    shift = (torch.rand(out_features, n_groups) * (2**bits - 1)).to(dtype)
+    return ops.pack(codes, bits), scale, shift
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", M_VALUES)
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (64, 256, 128),
+        (48, 4100, 128),  # in_features padded to 4224: the activations are padded with zeros
+        (32, 96, 32),
+        (16, 512, 256),
+        (32, 192, 64),
+        (40, 256, 128),  # out_features not a multiple of 16: reference
+        (32, 256, 16),  # group size the kernel does not take: reference
+        (32, 40, 40),
+    ],
+)
+def test_linear_affine(spy, shape, m, dtype, bits):
+    out_features, in_features, group_size = shape
+    weight, scale, shift = affine_weight(out_features, in_features, group_size, bits, dtype)
+    x = torch.randn(m, in_features).to(dtype)
+    bias = torch.randn(out_features).to(dtype)
+    out = ops.linear_affine(x, weight, scale, shift, bits, bias)
+    fast = (
+        out_features % 16 == 0
+        and group_size in cpu.INT4_GROUP_SIZES
+        and (dtype == torch.bfloat16 or m <= cpu.INT4_MAX_ROWS)
+    )
+    assert spy.calls["_weight_int4pack_mm_for_cpu"] == int(fast)
+    check(out, reference.linear_affine(x, weight, scale, shift, bits, bias), fast)
+
+
+def test_int4_conversion_is_cached_and_invalidated(spy):
+    weight, scale, shift = affine_weight(32, 256, 128, 4, torch.bfloat16)
+    x = torch.randn(2, 256, dtype=torch.bfloat16)
+    for _ in range(3):
+        ops.linear_affine(x, weight, scale, shift, 4, None)
+    assert spy.calls["_convert_weight_to_int4pack_for_cpu"] == 1
+
+    # An in-place write to the weight (what load_state_dict does) bumps its version: converted again, and right.
+    new_weight, _, _ = affine_weight(32, 256, 128, 4, torch.bfloat16)
+    with torch.no_grad():
+        weight.copy_(new_weight)
+    check(
+        ops.linear_affine(x, weight, scale, shift, 4, None),
+        reference.linear_affine(x, weight, scale, shift, 4, None),
+        True,
+    )
+    assert spy.calls["_convert_weight_to_int4pack_for_cpu"] == 2
+
+    # A new scale tensor (e.g. after module.to(dtype)) misses the cache too.
+    scale = scale * 2
+    check(
+        ops.linear_affine(x, weight, scale, shift, 4, None),
+        reference.linear_affine(x, weight, scale, shift, 4, None),
+        True,
+    )
+    assert spy.calls["_convert_weight_to_int4pack_for_cpu"] == 3
+
+
+def test_int4_cache_entry_dies_with_the_weight(spy):
+    weight, scale, shift = affine_weight(32, 256, 128, 4, torch.bfloat16)
+    ops.linear_affine(torch.randn(1, 256, dtype=torch.bfloat16), weight, scale, shift, 4, None)
+    assert len(cpu._INT4_CACHE) == 1
+    del weight
+    gc.collect()
+    assert len(cpu._INT4_CACHE) == 0
+
+
+# ---- through QLinear -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("config", "kernel"),
+    [
+        ({"weights": "int8"}, "_weight_int8pack_mm"),
+        ({"weights": "int4"}, "_weight_int4pack_mm_for_cpu"),
+        ({"weights": "int2"}, "_weight_int4pack_mm_for_cpu"),
+        ({"weights": "int8", "activations": "int8", "activation_scales": "dynamic"}, "_weight_int8pack_mm"),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_frozen_qlinear_takes_the_fast_path_and_keeps_its_state(spy, config, kernel, dtype):
+    model = nn.Sequential(nn.Linear(256, 128)).to(dtype)
+    quantize(model, **config)
+    freeze(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(3, 256, dtype=dtype)
+    with torch.no_grad():
+        out = model(x)
+        expected = torch.nn.functional.linear(x, model[0].qweight.dequantize().to(dtype), model[0].bias)
+    assert spy.calls[kernel] == 1
+    # W8A8 also quantizes the activations, hence the looser bound.
+    assert rel_err(out, expected) < (0.02 if "activations" in config else KERNEL_RTOL)
+    after = model.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
+
+
+def test_compiled_qlinear_uses_the_cached_int4_kernel(spy):
+    model = nn.Sequential(nn.Linear(256, 64)).to(torch.bfloat16)
+    quantize(model, weights="int4")
+    freeze(model)
+    x = torch.randn(2, 256, dtype=torch.bfloat16)
+    with torch.no_grad():
+        eager = model(x)
+        compiled = torch.compile(model)
+        for _ in range(2):
+            assert torch.equal(compiled(x), eager)
+    assert spy.calls["_weight_int4pack_mm_for_cpu"] == 3
+    assert spy.calls["_convert_weight_to_int4pack_for_cpu"] == 1
