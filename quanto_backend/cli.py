@@ -40,6 +40,13 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--exclude", action="append", default=None, help="fnmatch pattern of modules to keep float")
     parser.add_argument("--json", type=Path, default=None, help="also write the table to this JSON file")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="save each quantized model to OUTPUT/<weights> (safetensors + config.json with its quantization_config)"
+        " for transformers' from_pretrained after `import quanto_backend`",
+    )
     args = parser.parse_args(argv)
     args.weights = [as_qtype(w.strip(), WEIGHT_QTYPES, "weights") for w in args.weights.split(",") if w.strip()]
     return args
@@ -62,6 +69,23 @@ def _load(model_dir: Path):
     return (lambda: model_cls.from_pretrained(model_dir, dtype=torch.float32).eval()), tokenizer
 
 
+def _save(model_dir: Path, tokenizer, qtype, args: argparse.Namespace) -> None:
+    """Save ``model_dir`` quantized to ``qtype`` as transformers' quantize-on-load makes it (the format that
+    ``from_pretrained`` reloads), with its tokenizer, into ``args.output / <weights>``."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    from .integrations import QuantoConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    causal = any(arch.endswith("ForCausalLM") for arch in (config.architectures or []))
+    model_cls = AutoModelForCausalLM if causal else AutoModel
+    group_size = args.group_size if qtype.is_packed else None
+    qconfig = QuantoConfig(weights=qtype, group_size=group_size, modules_to_not_convert=args.exclude)
+    out = args.output / qtype.name.removeprefix("q")
+    model_cls.from_pretrained(model_dir, dtype=torch.float32, quantization_config=qconfig).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
 def run(argv: list[str] | None = None) -> list[dict]:
     """Run the command and return its table rows (one dict per configuration, float first)."""
     args = _parse_args(argv)
@@ -78,6 +102,8 @@ def run(argv: list[str] | None = None) -> list[dict]:
             if qtype is not None:
                 quantize(model, weights=qtype, group_size=args.group_size, exclude=args.exclude)
                 freeze(model)
+                if args.output is not None:
+                    _save(model_dir, tokenizer, qtype, args)
             embeddings = sentence_embeddings(model, tokenizer, sentences)
             if qtype is None:
                 reference = embeddings
@@ -104,7 +130,9 @@ def _print_table(model_dir: Path, rows: list[dict], n_sentences: int, batch: int
     print("size: MB of the Linear/Conv2d layers (those quantized) and of the whole model")
     print(f"{'weights':<16}{'layers (MB)':>12}{'model (MB)':>12}{'cosine':>10}{'latency (ms)':>14}")
     for r in rows:
-        print(f"{r['weights']:<16}{r['linear_mb']:>12.2f}{r['size_mb']:>12.2f}{r['cosine']:>10.5f}{r['latency_ms']:>14.1f}")
+        print(
+            f"{r['weights']:<16}{r['linear_mb']:>12.2f}{r['size_mb']:>12.2f}{r['cosine']:>10.5f}{r['latency_ms']:>14.1f}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

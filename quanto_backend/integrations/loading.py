@@ -1,0 +1,334 @@
+"""What the transformers and diffusers quantizers share: building the quantized skeleton, the per-parameter
+quantization step of quantize-on-load, the checks of a ``device_map``, and dequantization.
+
+Kept free of either library's classes so that both quantizers call the very same code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from fnmatch import fnmatch
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..nn import QModuleMixin, quantize_module
+from .config import QuantoConfig
+
+__all__ = [
+    "QUANT_BUFFERS",
+    "create_quantized_param",
+    "dequantize_model",
+    "is_skipped",
+    "prune_activation_scales",
+    "replace_with_qmodules",
+    "reset_requires_grad",
+    "validate_device_map",
+]
+
+# The buffers a quantized module adds to its float module (activation quantization, SmoothQuant factors). None
+# is in a float checkpoint; a pre-quantized one holds those its modules had when saved.
+QUANT_BUFFERS = ("input_scale", "output_scale", "input_zero_point", "output_zero_point", "input_smooth")
+
+
+def _materialize_quant_buffers(module: nn.Module, device: torch.device) -> list[str]:
+    """Give a module's quantization buffers their initial values on ``device``: scales and smoothing factors 1,
+    zero-points 0 (what calibration starts from)."""
+    names = []
+    for name in QUANT_BUFFERS:
+        buffer = module._buffers.get(name)
+        if buffer is not None:
+            fill = torch.ones_like if buffer.is_floating_point() else torch.zeros_like
+            module._buffers[name] = fill(buffer, device=device)
+            names.append(name)
+    return names
+
+
+def is_skipped(name: str, patterns: Iterable[str]) -> bool:
+    """Whether module ``name`` is left float by ``patterns``: a pattern equal to a run of whole dotted components
+    of the name skips it (``"mlp"`` skips ``"model.layers.0.mlp.down_proj"``, ``"layers.1"`` skips
+    ``"model.layers.1.mlp"`` but not ``"model.layers.11.mlp"``), and so does an fnmatch pattern matching it."""
+    dotted = f".{name}."
+    for pattern in patterns:
+        if f".{pattern}." in dotted:
+            return True
+        if any(c in pattern for c in "*?[") and fnmatch(name, pattern):
+            return True
+    return False
+
+
+def replace_with_qmodules(model: nn.Module, config: QuantoConfig, skip: Iterable[str], frozen: bool) -> list[str]:
+    """Replace, in place, the supported submodules of a ``meta`` skeleton by quantized modules.
+
+    Args:
+        model: the skeleton built by ``from_pretrained`` (on ``meta``).
+        config: the quantization config.
+        skip: module names / patterns to leave float.
+        frozen: build the quantized storage now (empty, right shapes and dtypes): what a pre-quantized checkpoint
+            loads into, and what ``device_map="auto"`` sizes exactly. Otherwise the modules keep a float ``weight``
+            slot that :func:`create_quantized_param` fills.
+
+    Returns:
+        The names of the replaced modules.
+    """
+    skip = list(skip)
+    qconfig: dict[str, Any] = dict(
+        weights=config.weights_qtype, activations=config.activations_qtype, group_size=config.group_size
+    )
+    if config.activation_scales != "static":
+        qconfig["activation_scales"] = config.activation_scales
+    replaced = []
+    for name, module in list(model.named_modules()):
+        if not name or is_skipped(name, skip) or isinstance(module, QModuleMixin):
+            continue
+        qmodule = quantize_module(module, **qconfig)
+        if qmodule is None:
+            continue
+        if frozen:
+            qmodule.freeze()
+            # transformers re-initializes the weights it did not load (e.g. those offloaded to disk) with float
+            # initializers, which cannot run on quantized storage: the storage is only ever loaded.
+            for tensor in (*qmodule._parameters.values(), *qmodule._buffers.values()):
+                if tensor is not None and (not tensor.is_floating_point() or tensor.dtype.itemsize == 1):
+                    tensor._is_hf_initialized = True
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, qmodule)
+        replaced.append(name)
+    return replaced
+
+
+def param_needs_quantization(model: nn.Module, param_name: str) -> bool:
+    """Whether the checkpoint tensor ``param_name`` goes through :func:`create_quantized_param` when quantizing on
+    load: the ``weight`` of every quantized module (a normalization's float weight too, so that its activation
+    scales get created with it)."""
+    module_name, _, tensor_name = param_name.rpartition(".")
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        return False
+    return isinstance(module, QModuleMixin) and tensor_name == "weight"
+
+
+@torch.no_grad()
+def create_quantized_param(
+    model: nn.Module, param_value: torch.Tensor, param_name: str, target_device: torch.device | str | int | None
+) -> dict[str, torch.Tensor]:
+    """The per-parameter step of quantize-on-load, shared by the transformers and diffusers quantizers.
+
+    The float checkpoint tensor ``param_value`` (the ``weight`` of a quantized module) is moved to
+    ``target_device`` and quantized there into the module's storage; the module's activation scales are created
+    there as well (1 until calibrated). Only this one float weight is alive beyond the quantized model.
+
+    Returns:
+        ``{full name: tensor}`` of every tensor this set on the module.
+    """
+    module_name, _, tensor_name = param_name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if not isinstance(module, QModuleMixin) or tensor_name != "weight":
+        raise ValueError(f"{param_name!r} is not the weight of a quantized module; nothing to quantize")
+    if target_device is not None and str(target_device) not in ("disk", "meta"):
+        param_value = param_value.to(target_device)
+    prefix = f"{module_name}." if module_name else ""
+    if module.weight_qtype is not None:
+        module.set_quantized_weight(param_value)
+        names = ["weight", "weight_scale", "weight_shift"]
+    else:  # a normalization of an activation-quantized model: its weight stays float
+        module.weight = nn.Parameter(param_value, requires_grad=param_value.is_floating_point())
+        names = ["weight"]
+    names += _materialize_quant_buffers(module, param_value.device)
+    module._quanto_loaded = True
+    return {prefix + n: getattr(module, n) for n in names if getattr(module, n, None) is not None}
+
+
+def init_unloaded_activation_scales(model: nn.Module) -> None:
+    """Set to 1 the activation scales of quantized modules that :func:`create_quantized_param` never saw (e.g. a
+    LayerNorm without weight): they were never in the float checkpoint."""
+    for module in model.modules():
+        if isinstance(module, QModuleMixin) and not getattr(module, "_quanto_loaded", False):
+            device = next((t.device for t in module.parameters() if t.device.type != "meta"), torch.device("cpu"))
+            _materialize_quant_buffers(module, device)
+        if hasattr(module, "_quanto_loaded"):
+            del module._quanto_loaded
+
+
+def prune_activation_scales(model: nn.Module, checkpoint_keys: Iterable[str], prefix: str = "") -> list[str]:
+    """Remove the output scales that a pre-quantized checkpoint does not hold.
+
+    :class:`~quanto_backend.Calibration` (``streamline=True``) drops the ``output_scale`` of modules whose output
+    feeds a float operation; the skeleton rebuilt from the config has every scale, so the checkpoint decides.
+
+    Args:
+        model: the frozen skeleton.
+        checkpoint_keys: the tensor names of the checkpoint.
+        prefix: the model's ``base_model_prefix`` (checkpoints may be saved with or without it).
+
+    Returns:
+        The names of the removed buffers.
+    """
+    keys = set(checkpoint_keys)
+    removed = []
+    for name, module in model.named_modules():
+        if not isinstance(module, QModuleMixin):
+            continue
+        for buffer in ("output_scale", "output_zero_point"):  # input scales are never dropped
+            if buffer not in module._buffers:
+                continue
+            full = f"{name}.{buffer}"
+            candidates = {full, f"{prefix}.{full}"} if prefix else {full}
+            if prefix and full.startswith(prefix + "."):
+                candidates.add(full.removeprefix(prefix + "."))
+            if not candidates & keys:
+                delattr(module, buffer)
+                removed.append(full)
+    return removed
+
+
+def reset_requires_grad(model: nn.Module) -> None:
+    """Quantized storage and scales are never trained: loaders re-wrap float scales with ``requires_grad=True``."""
+    for module in model.modules():
+        if isinstance(module, QModuleMixin) and module.frozen:
+            for name in ("weight", "weight_scale", "weight_shift"):
+                param = module._parameters.get(name)
+                if param is not None:
+                    param.requires_grad_(False)
+
+
+def validate_device_map(device_map: Any, pre_quantized: bool) -> None:
+    """Refuse, before anything is loaded, the device maps that cannot work.
+
+    Quantizing on load with disk offload cannot work: the offloaded float weights would never be quantized
+    (transformers would silently give zeros, diffusers fails late).
+    """
+    if not isinstance(device_map, dict) or pre_quantized:
+        return
+    if "disk" in {str(d) for d in device_map.values()}:
+        disk = sorted(k for k, d in device_map.items() if str(d) == "disk")
+        raise ValueError(
+            f"quanto_backend cannot quantize on load with disk offload (device_map sends {disk[:3]} to 'disk'). "
+            "Either give more memory (max_memory) or fewer modules to disk, or quantize first and save: "
+            "model = from_pretrained(path, quantization_config=QuantoConfig(...)); model.save_pretrained(qdir); "
+            "then from_pretrained(qdir, device_map=...) offloads the quantized checkpoint to disk."
+        )
+
+
+def _float_class(module: QModuleMixin) -> type[nn.Module]:
+    for cls in type(module).__mro__[1:]:
+        if issubclass(cls, nn.Module) and not issubclass(cls, QModuleMixin):
+            return cls
+    raise TypeError(f"{type(module).__name__} has no float torch module base class")
+
+
+@torch.no_grad()
+def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Turn, in place, every quantized module of ``model`` back into its float torch module, with the
+    dequantized weight (in ``dtype``, default: the scale's dtype). Activation quantization is dropped."""
+    for module in list(model.modules()):
+        if not isinstance(module, QModuleMixin):
+            continue
+        weight = module.qweight.dequantize() if module.weight_qtype is not None else module.weight
+        if weight is not None:
+            weight = weight.detach().to(dtype or weight.dtype)
+        for tensor_name in ("weight", "weight_scale", "weight_shift"):
+            module._parameters.pop(tensor_name, None)
+        smooth = module._buffers.get("input_smooth")
+        if smooth is not None and weight is not None:  # the input was divided by it: fold it into the weight
+            weight = weight / smooth.to(weight.dtype).reshape(1, -1, *([1] * (weight.ndim - 2)))
+        for buffer in QUANT_BUFFERS:
+            module._buffers.pop(buffer, None)
+        module.weight = None if weight is None else nn.Parameter(weight)
+        for attr in (
+            "weight_qtype",
+            "activation_qtype",
+            "activation_scales",
+            "optimizer",
+            "group_size",
+            "_calibrating",
+        ):
+            module.__dict__.pop(attr, None)
+        if module.bias is not None and dtype is not None:
+            module.bias = nn.Parameter(module.bias.detach().to(dtype))
+        # The quantized class adds no state of its own beyond what was just removed, so the float class fits.
+        module.__class__ = _float_class(module)
+    return model
+
+
+def checkpoint_keys(checkpoint_files: Iterable[str] | None) -> set[str]:
+    """The tensor names of safetensors checkpoint files (headers only; nothing is loaded)."""
+    from safetensors import safe_open
+
+    keys: set[str] = set()
+    for file in checkpoint_files or ():
+        if str(file).endswith(".safetensors"):
+            with safe_open(file, framework="pt") as f:
+                keys.update(f.keys())
+    return keys
+
+
+_SAFETENSORS_DTYPES = {
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
+
+
+def check_prequantized_checkpoint(model: nn.Module, checkpoint_files: Iterable[str] | None, prefix: str = "") -> None:
+    """Check, from the safetensors headers alone, that a pre-quantized checkpoint holds every quantized tensor the
+    skeleton expects, with the right shape and storage dtype.
+
+    The libraries only warn about missing keys (and fill them with uninitialized memory), so a mismatch between a
+    checkpoint's ``quantization_config`` and its tensors must be caught here, before loading.
+
+    Raises:
+        ValueError: naming the first missing or mismatched tensor.
+    """
+    from safetensors import safe_open
+
+    headers: dict[str, tuple[list[int], str]] = {}
+    for file in checkpoint_files or ():
+        if str(file).endswith(".safetensors"):
+            with safe_open(file, framework="pt") as f:
+                for key in f.keys():
+                    s = f.get_slice(key)
+                    headers[key] = (list(s.get_shape()), s.get_dtype())
+    if not headers:
+        return  # not a safetensors checkpoint: nothing to read cheaply, the loader reports what it finds
+    known: set[str] = set()
+    for name, module in model.named_modules():
+        if not isinstance(module, QModuleMixin):
+            continue
+        storage = ("weight", "weight_scale", "weight_shift") if module.frozen else ()  # a norm's weight is float
+        tensors = {n: module._parameters[n] for n in storage if n in module._parameters}
+        tensors.update({n: module._buffers[n] for n in QUANT_BUFFERS if n in module._buffers})
+        for tensor_name, expected in tensors.items():
+            full = f"{name}.{tensor_name}"
+            candidates = [full, f"{prefix}.{full}", full.removeprefix(prefix + ".")] if prefix else [full]
+            known.update(candidates)
+            key = next((k for k in candidates if k in headers), None)
+            if key is None:
+                raise ValueError(
+                    f"Pre-quantized checkpoint lacks tensor {full!r} that its quantization_config requires "
+                    f"(weights={module.weight_qtype}, activations={module.activation_qtype}); the checkpoint is "
+                    "incomplete or was not saved by quanto_backend's save_pretrained."
+                )
+            shape, dtype = headers[key]
+            if tuple(shape) != tuple(expected.shape):
+                raise ValueError(
+                    f"Checkpoint tensor {key!r} has shape {tuple(shape)}, but its quantization_config "
+                    f"(weights={module.weight_qtype}, group_size={module.group_size}) needs {tuple(expected.shape)}."
+                )
+            want = _SAFETENSORS_DTYPES.get(expected.dtype)
+            if tensor_name == "weight" and want is not None and dtype != want:
+                raise ValueError(
+                    f"Checkpoint tensor {key!r} has dtype {dtype}, but {module.weight_qtype} weights are stored as "
+                    f"{want}: the checkpoint does not match its quantization_config."
+                )
+    quant_suffixes = tuple("." + n for n in ("weight_scale", "weight_shift", *QUANT_BUFFERS))
+    for key in sorted(headers):
+        if key.endswith(quant_suffixes) and key not in known:
+            raise ValueError(
+                f"Checkpoint tensor {key!r} is quantization state that the model rebuilt from the checkpoint's "
+                "quantization_config does not have (a module left float by modules_to_not_convert, or a quantization "
+                "option QuantoConfig cannot express): the checkpoint does not match its quantization_config."
+            )
