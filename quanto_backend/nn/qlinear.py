@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..tensor import QActivation, qlinear
+from ..tensor.linear import needs_grad
 from .qmodule import QModuleMixin, register_qmodule
 
 __all__ = ["QLinear"]
@@ -33,13 +34,9 @@ class QLinear(QModuleMixin, nn.Linear):
             return F.linear(input, self._train_weight(), self.bias)
         if self.weight_qtype is None:
             return F.linear(input.dequantize() if isinstance(input, QActivation) else input, self.weight, self.bias)
-        if not self.frozen or _needs_grad(input, self.bias):
+        if not self.frozen or needs_grad(input, self.bias):
             # The QTensor handler of F.linear dequantizes when gradients flow (to the input or the bias), which
             # the quantized op has no autograd formula for: frozen models can be fine-tuned around their weights.
             return F.linear(input, self.qweight, self.bias)
         shift = self._parameters.get("weight_shift")
         return qlinear(input, self.weight, self.weight_scale, self.bias, shift, self.weight_qtype.bits)
-
-
-def _needs_grad(*tensors: torch.Tensor | None) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

@@ -12,7 +12,7 @@ from .activations import AffineQActivation, QActivation
 from .qtensor import QTensor, register_qtensor_function
 from .weights import GroupedQWeight, PerAxisAffineQWeight, PerAxisQWeight
 
-__all__ = ["qlinear"]
+__all__ = ["needs_grad", "qlinear"]
 
 
 def qlinear(
@@ -56,13 +56,14 @@ def _dequantized(tree):
     return tree_map(lambda a: a.dequantize() if isinstance(a, QTensor) else a, tree)
 
 
-def _needs_grad(*tensors) -> bool:
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd must see through a call on these tensors (the quantized ops have no derivative)."""
     return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
 
 
 @register_qtensor_function(F.linear)
 def _linear(input, weight, bias=None):
-    if not _needs_grad(input, weight, bias):
+    if not needs_grad(input, weight, bias):
         if isinstance(weight, PerAxisQWeight) and weight.axis == 0 and weight.ndim == 2:
             return qlinear(input, weight.qdata, weight.scale, bias)
         if isinstance(weight, PerAxisAffineQWeight) and weight.ndim == 2:
