@@ -15,6 +15,7 @@ def test_fields_and_defaults():
         "quant_method": "quanto_backend",
         "weights": "int4",
         "activations": None,
+        "activation_scales": "static",
         "group_size": 128,  # recorded as the number it resolves to
         "modules_to_not_convert": None,
         "format_version": FORMAT_VERSION,
@@ -22,6 +23,15 @@ def test_fields_and_defaults():
     assert QuantoConfig(weights=qint4, group_size=64).group_size == 64
     assert QuantoConfig(weights="float8").weights == "float8_e4m3fn"
     assert QuantoConfig(weights="int8", activations="float8").activations == "float8_e4m3fn"
+
+
+def test_activation_scales():
+    config = QuantoConfig(weights="int8", activations="int8", activation_scales="dynamic")
+    assert config.activation_scales == "dynamic" and config != QuantoConfig(weights="int8", activations="int8")
+    with pytest.raises(ValueError, match="activation_scales 'per_token'.*static, dynamic"):
+        QuantoConfig(weights="int8", activations="int8", activation_scales="per_token")
+    with pytest.raises(ValueError, match="needs int8 or float8 activations"):
+        QuantoConfig(weights="int8", activation_scales="dynamic")
 
 
 def test_diffusers_spelling_weights_dtype():
