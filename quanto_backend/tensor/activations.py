@@ -21,13 +21,6 @@ class QActivation(QTensor):
     # The qtype travels by name: torch.compile can carry a string through a graph, not a QType object.
     _meta_names = ("qtype_name",)
 
-    @staticmethod
-    def __new__(cls, qdata, scale, qtype_name, shape, dtype, requires_grad=False):
-        return QTensor.__new__(cls, shape=shape, dtype=dtype, device=qdata.device, requires_grad=requires_grad)
-
-    def __init__(self, qdata, scale, qtype_name: str, shape, dtype, requires_grad=False):
-        self.qdata, self.scale, self.qtype_name = qdata, scale, qtype_name
-
     @property
     def qtype(self) -> QType:
         return qtypes[self.qtype_name]
@@ -41,13 +34,6 @@ class AffineQActivation(QActivation):
     ``scale`` and int32 ``zero_point`` (0-dim, or broadcastable per token)."""
 
     _inner_names = ("qdata", "scale", "zero_point")
-
-    @staticmethod
-    def __new__(cls, qdata, scale, zero_point, qtype_name, shape, dtype, requires_grad=False):
-        return QTensor.__new__(cls, shape=shape, dtype=dtype, device=qdata.device, requires_grad=requires_grad)
-
-    def __init__(self, qdata, scale, zero_point, qtype_name: str, shape, dtype, requires_grad=False):
-        self.qdata, self.scale, self.zero_point, self.qtype_name = qdata, scale, zero_point, qtype_name
 
     def _dequantize(self) -> torch.Tensor:
         return ((self.qdata.float() - self.zero_point) * self.scale).to(self.dtype)

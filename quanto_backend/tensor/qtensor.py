@@ -46,15 +46,35 @@ class _Dequantize(torch.autograd.Function):
 
 class QTensor(torch.Tensor):
     """Base class: subclasses name their inner tensors in ``_inner_names`` and their plain attributes in
-    ``_meta_names``, and implement ``_dequantize``."""
+    ``_meta_names``, and implement ``_dequantize``.
+
+    A subclass is built as ``Cls(*inner tensors, *meta attributes, shape, dtype, requires_grad=False)``, in the
+    order of those names (or by keyword); the first inner tensor gives the device.
+    """
 
     _inner_names: tuple[str, ...] = ()
     _meta_names: tuple[str, ...] = ()
     qtype: QType
 
+    @classmethod
+    def _bind(cls, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+        names = (*cls._inner_names, *cls._meta_names, "shape", "dtype", "requires_grad")
+        if len(args) > len(names):
+            raise TypeError(f"{cls.__name__} takes at most {len(names)} arguments ({', '.join(names)})")
+        return {"requires_grad": False, **dict(zip(names, args, strict=False)), **kwargs}
+
     @staticmethod
-    def __new__(cls, *args, shape: torch.Size, dtype: torch.dtype, device: torch.device, requires_grad=False, **kw):
-        return torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=device, requires_grad=requires_grad)
+    def __new__(cls, *args, **kwargs):
+        bound = cls._bind(args, kwargs)
+        device = bound[cls._inner_names[0]].device
+        return torch.Tensor._make_wrapper_subclass(
+            cls, bound["shape"], dtype=bound["dtype"], device=device, requires_grad=bound["requires_grad"]
+        )
+
+    def __init__(self, *args, **kwargs):
+        bound = self._bind(args, kwargs)
+        for name in (*self._inner_names, *self._meta_names):
+            setattr(self, name, bound[name])
 
     def _dequantize(self) -> torch.Tensor:
         raise NotImplementedError

@@ -34,13 +34,6 @@ class PerAxisQWeight(QTensor):
     _inner_names = ("qdata", "scale")
     _meta_names = ("qtype", "axis")
 
-    def __init__(self, qdata, scale, qtype: QType, axis: int, shape, dtype, requires_grad=False):
-        self.qdata, self.scale, self.qtype, self.axis = qdata, scale, qtype, axis
-
-    @staticmethod
-    def __new__(cls, qdata, scale, qtype, axis, shape, dtype, requires_grad=False):
-        return QTensor.__new__(cls, shape=shape, dtype=dtype, device=qdata.device, requires_grad=requires_grad)
-
     def _dequantize(self) -> torch.Tensor:
         return ops.dequantize_symmetric(self.qdata, self.scale).to(self.dtype)
 
@@ -61,13 +54,6 @@ class PerAxisAffineQWeight(QTensor):
     _inner_names = ("qdata", "scale", "shift")
     _meta_names = ("qtype",)
 
-    @staticmethod
-    def __new__(cls, qdata, scale, shift, qtype, shape, dtype, requires_grad=False):
-        return QTensor.__new__(cls, shape=shape, dtype=dtype, device=qdata.device, requires_grad=requires_grad)
-
-    def __init__(self, qdata, scale, shift, qtype: QType, shape, dtype, requires_grad=False):
-        self.qdata, self.scale, self.shift, self.qtype = qdata, scale, shift, qtype
-
     def _dequantize(self) -> torch.Tensor:
         w = ops.dequantize_asymmetric(self.qdata.reshape(self.shape[0], -1), self.scale, self.shift)
         return w.reshape(self.shape).to(self.dtype)
@@ -83,13 +69,6 @@ class GroupedQWeight(QTensor):
 
     _inner_names = ("qdata", "scale", "shift")
     _meta_names = ("qtype", "group_size")
-
-    @staticmethod
-    def __new__(cls, qdata, scale, shift, qtype, group_size, shape, dtype, requires_grad=False):
-        return QTensor.__new__(cls, shape=shape, dtype=dtype, device=qdata.device, requires_grad=requires_grad)
-
-    def __init__(self, qdata, scale, shift, qtype: QType, group_size: int, shape, dtype, requires_grad=False):
-        self.qdata, self.scale, self.shift, self.qtype, self.group_size = qdata, scale, shift, qtype, group_size
 
     def _dequantize(self) -> torch.Tensor:
         w = ops.dequantize_affine(self.qdata, self.scale, self.shift, self.qtype.bits)
