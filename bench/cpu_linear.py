@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import sys
 import time
@@ -100,15 +101,23 @@ def build_configs(in_features: int, out_features: int, m: int, optional: bool) -
 
 @torch.no_grad()
 def time_interleaved(configs: dict[str, Forward], rounds: int, warmup: int = 2) -> dict[str, list[float]]:
-    """Seconds per call of each configuration, one call of each per round."""
+    """Seconds per call of each configuration, one call of each per round, in a new random order each round.
+
+    Each call reads its own weight, which does not fit in the last-level cache, so every call streams it from
+    memory as a model's decode does. The order is shuffled because a call is measurably slower right after a
+    large float32 matmul; a fixed order would always charge that to the same configuration.
+    """
     for fn in configs.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {name: [] for name in configs}
+    order = list(configs)
+    shuffle = random.Random(0).shuffle
     for _ in range(rounds):
-        for name, fn in configs.items():
+        shuffle(order)
+        for name in order:
             start = time.perf_counter()
-            fn()
+            configs[name]()
             times[name].append(time.perf_counter() - start)
     return times
 

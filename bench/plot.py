@@ -24,7 +24,15 @@ import torch
 matplotlib.use("Agg")  # files only: no display on benchmark machines
 import matplotlib.pyplot as plt  # noqa: E402
 
-__all__ = ["machine_info", "plot_accuracy", "plot_cpu_linear", "plot_file", "plot_kernels", "plot_models"]
+__all__ = [
+    "machine_info",
+    "plot_accuracy",
+    "plot_cpu_dispatch",
+    "plot_cpu_linear",
+    "plot_file",
+    "plot_kernels",
+    "plot_models",
+]
 
 
 def machine_info() -> dict:
@@ -134,6 +142,24 @@ def plot_cpu_linear(report: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
+def plot_cpu_dispatch(report: dict, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name, marker in (("int8", "o"), ("int4", "s")):
+        results = sorted(
+            (r for r in report["results"] if r["weights"] == name), key=lambda r: r["in_features"] * r["out_features"]
+        )
+        size = [(r["in_features"] * r["out_features"]) ** 0.5 for r in results]
+        ax.plot(size, [r["measured_crossover_rows"] for r in results], marker, label=f"{name}: measured crossover")
+        ax.plot(size, [r["kernel_max_rows"] for r in results], "--", label=f"{name}: kernel_max_rows")
+    ax.set_xscale("log")
+    ax.set_yscale("symlog", linthresh=1)
+    ax.set_xlabel("sqrt(in_features * out_features)")
+    ax.set_ylabel("rows of float32 activations")
+    ax.set_title("CPU: largest batch where the packed kernel beats the reference")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def plot_models(report: dict, path: Path) -> Path:
     """``bench/models.py``: decode, prefill, peak memory, and from_pretrained load time and memory."""
     rows = report["rows"]
@@ -186,6 +212,7 @@ def plot_accuracy(report: dict, path: Path) -> Path:
 PLOTTERS: dict[str, Callable[[dict, Path], Path]] = {
     "kernels": plot_kernels,
     "cpu_linear": plot_cpu_linear,
+    "cpu_dispatch": plot_cpu_dispatch,
     "models": plot_models,
     "accuracy": plot_accuracy,
 }

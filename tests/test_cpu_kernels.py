@@ -76,18 +76,26 @@ def test_linear_w8(spy, shape, m, dtype):
     x = torch.randn(m, in_features).to(dtype)
     bias = torch.randn(out_features).to(dtype)
     out = ops.linear_w8(x, weight, scale, bias)
-    fast = in_features % 8 == 0 and (dtype == torch.bfloat16 or m <= cpu.INT8_MAX_ROWS)
+    fast = in_features % 8 == 0 and (dtype == torch.bfloat16 or m <= cpu.kernel_max_rows(out_features, in_features, 8))
     assert spy.calls["_weight_int8pack_mm"] == int(fast)
     check(out, reference.linear_w8(x, weight, scale, bias), fast)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_linear_w8_batched_input_and_float32_scale(spy, dtype):
-    weight, scale = int8_weight(32, 64, torch.float32)  # a float32 scale with lower-precision activations
-    x = torch.randn(2, 3, 64).to(dtype)
+    weight, scale = int8_weight(256, 512, torch.float32)  # a float32 scale with lower-precision activations
+    x = torch.randn(2, 3, 512).to(dtype)
     out = ops.linear_w8(x, weight, scale, None)
     assert spy.calls["_weight_int8pack_mm"] == 1
     check(out, reference.linear_w8(x, weight, scale.to(dtype), None), fast=True)
+
+
+def test_row_bound_grows_with_the_weight():
+    # A sentence-embedding batch (hundreds of rows) through a small layer takes the reference; a large layer keeps
+    # the kernel for a few hundred rows; decode (one row) always takes it.
+    assert cpu.kernel_max_rows(384, 384, 8) < cpu.kernel_max_rows(4096, 4096, 8) <= 256
+    assert cpu.kernel_max_rows(384, 1536, 4) < 240 < cpu.kernel_max_rows(4096, 14336, 4) <= 512
+    assert cpu.kernel_max_rows(8, 8, 8) == cpu.kernel_max_rows(8, 8, 4) == 1
 
 
 def test_linear_w8_float8_weight_takes_the_reference(spy):
@@ -132,6 +140,16 @@ def affine_weight(out_features: int, in_features: int, group_size: int, bits: in
     return ops.pack(codes, bits), scale, shift
 
 
+def test_a_batch_through_a_small_layer_takes_the_reference(spy):
+    w8, s8 = int8_weight(384, 1536, torch.float32)
+    w4, s4, z4 = affine_weight(384, 1536, 128, 4, torch.float32)
+    for rows, kernel_calls in ((240, 0), (1, 1)):  # a sentence-embedding batch, then decode
+        x = torch.randn(rows, 1536)
+        ops.linear_w8(x, w8, s8, None)
+        ops.linear_affine(x, w4, s4, z4, 4, None)
+        assert spy.calls["_weight_int8pack_mm"] == spy.calls["_weight_int4pack_mm_for_cpu"] == kernel_calls
+
+
 @pytest.mark.parametrize("bits", [4, 2])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m", M_VALUES)
@@ -157,7 +175,7 @@ def test_linear_affine(spy, shape, m, dtype, bits):
     fast = (
         out_features % 16 == 0
         and group_size in cpu.INT4_GROUP_SIZES
-        and (dtype == torch.bfloat16 or m <= cpu.INT4_MAX_ROWS)
+        and (dtype == torch.bfloat16 or m <= cpu.kernel_max_rows(out_features, weight.shape[-1] * 8 // bits, bits))
     )
     assert spy.calls["_weight_int4pack_mm_for_cpu"] == int(fast)
     check(out, reference.linear_affine(x, weight, scale, shift, bits, bias), fast)

@@ -12,8 +12,8 @@ matmul). Numerics, chosen here once:
 * bfloat16 activations always take the kernel (on CPUs without native bfloat16 matmul it beats the reference at
   every M; the reference itself computes in bfloat16 there).
 * float32 and float16 activations are rounded to bfloat16 for the kernel, and its bfloat16 output cast back, for
-  up to ``INT8_MAX_ROWS`` / ``INT4_MAX_ROWS`` rows (decode and small batches, where the kernel wins); more rows
-  take the exact reference (dequantize, then a float matmul that is compute-bound and amortizes it). The rounding
+  up to :func:`kernel_max_rows` rows (decode and small batches, where the kernel wins); more rows take the exact
+  reference (dequantize, then a float matmul that is compute-bound and amortizes it). The rounding
   adds a relative error of about 2**-9 per activation and per output, well below the weight quantization error
   (about 1% for int8 per-axis, more for 4-bit), and ``tests/test_cpu_kernels.py`` bounds it against the reference.
 * int8 x int8: int8 codes are exact in bfloat16 and the kernel accumulates in float32, so only the output is
@@ -25,6 +25,8 @@ Anything a kernel cannot run (odd shapes, group sizes, dtypes, no rows) takes :m
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -33,18 +35,27 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from . import library, reference
 
-__all__ = ["INT4_GROUP_SIZES", "INT4_MAX_ROWS", "INT8_MAX_ROWS", "clear_cache"]
+__all__ = ["INT4_GROUP_SIZES", "clear_cache", "kernel_max_rows"]
 
-# Rows of float32/float16 activations up to which the bfloat16 kernels beat the exact reference (measured with
-# bench/cpu_linear.py at 4096 -> 14336 on 2 AVX2 cores); the 4-bit reference dequantizes more slowly than int8.
-INT8_MAX_ROWS = 128
-INT4_MAX_ROWS = 512
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts
 # _weight_int8pack_mm returns wrong values (M == 1) or crashes (M > 1) when in_features is not a multiple of 8.
 _INT8_IN_MULTIPLE = 8
 _INT4_OUT_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu needs out_features % 16 == 0
 _CAST_DTYPES = (torch.float32, torch.float16)
 _INT2_CODE_OFFSET = 6  # 2-bit codes 0..3 become 4-bit codes 6..9 (see _int4_weight)
+
+
+def kernel_max_rows(out_features: int, in_features: int, bits: int) -> int:
+    """Rows of float32/float16 activations up to which the kernel for a ``bits``-wide weight beats the reference.
+
+    The reference dequantizes the whole weight at every call, then runs a float matmul that is faster per row than
+    the kernels: its fixed cost is amortized over the rows. The crossover measured by ``bench/cpu_dispatch.py`` (2
+    AVX2 cores, weights from 384x384 to 4096x14336) grows about as the square root of the weight's size, a little
+    above ``sqrt(out * in) / 20`` rows for int8 and ``/ 12`` for 4-bit (whose reference also unpacks the codes);
+    beyond 256 and 512 rows the float matmul wins at every measured size.
+    """
+    root = math.isqrt(out_features * in_features)
+    return max(1, min(256, root // 20) if bits == 8 else min(512, root // 12))
 
 
 def _kernel_input(x: torch.Tensor, max_rows: int | None) -> torch.Tensor | None:
@@ -75,28 +86,36 @@ def _int8pack_ok(weight: torch.Tensor, weight_scale: torch.Tensor) -> bool:
     )
 
 
+@functools.cache
+def _ones(n: int) -> torch.Tensor:
+    """The unit bfloat16 scales under which ``_weight_int8pack_mm`` returns the bare dot products (never written)."""
+    with torch.inference_mode(False):
+        return torch.ones(n, dtype=torch.bfloat16)
+
+
 def _with_bias(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return out if bias is None else out + bias.to(out.dtype)
 
 
-@library.linear_w8.register_kernel("cpu")
+@torch.library.register_kernel(library.linear_w8, "cpu")
 def _linear_w8(
     x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    x2d = _kernel_input(x, INT8_MAX_ROWS) if _int8pack_ok(weight, weight_scale) else None
+    ok = _int8pack_ok(weight, weight_scale)
+    x2d = _kernel_input(x, kernel_max_rows(*weight.shape, 8)) if ok else None
     if x2d is None:
         return reference.linear_w8(x, weight, weight_scale, bias)
     scale = weight_scale.reshape(-1)
     if scale.dtype == torch.bfloat16:
         out = torch._weight_int8pack_mm(x2d, weight.contiguous(), scale)
     else:
-        # A float32/float16 scale applied after the kernel (in float32) is not rounded to bfloat16.
-        ones = torch.ones(weight.shape[0], dtype=torch.bfloat16)
-        out = torch._weight_int8pack_mm(x2d, weight.contiguous(), ones).float() * scale.float()
+        # A float32/float16 scale applied after the kernel (bfloat16 x float32 promotes to float32) is not rounded
+        # to bfloat16.
+        out = torch._weight_int8pack_mm(x2d, weight.contiguous(), _ones(weight.shape[0])) * scale.float()
     return _with_bias(out.to(x.dtype).view(*x.shape[:-1], weight.shape[0]), bias)
 
 
-@library.linear_a8w8.register_kernel("cpu")
+@torch.library.register_kernel(library.linear_a8w8, "cpu")
 def _linear_a8w8(
     x_q: torch.Tensor,
     x_scale: torch.Tensor,
@@ -111,9 +130,8 @@ def _linear_a8w8(
     if rows == 0:
         return reference.linear_a8w8(x_q, x_scale, weight, weight_scale, bias, out_dtype)
     x2d = x_q.reshape(rows, x_q.shape[-1]).to(torch.bfloat16)  # |codes| <= 128: exact in bfloat16
-    ones = torch.ones(weight.shape[0], dtype=torch.bfloat16)
-    acc = torch._weight_int8pack_mm(x2d, weight.contiguous(), ones).view(*x_q.shape[:-1], weight.shape[0])
-    out = acc.float() * x_scale.float() * weight_scale.float().reshape(-1)
+    acc = torch._weight_int8pack_mm(x2d, weight.contiguous(), _ones(weight.shape[0]))
+    out = acc.view(*x_q.shape[:-1], weight.shape[0]).float() * x_scale.float() * weight_scale.float().reshape(-1)
     return _with_bias(out.to(out_dtype), bias)
 
 
@@ -176,7 +194,7 @@ def _int4_weight(weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
     return entry
 
 
-@library.linear_affine.register_kernel("cpu")
+@torch.library.register_kernel(library.linear_affine, "cpu")
 def _linear_affine(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -197,7 +215,7 @@ def _linear_affine(
         and weight_scale.shape == weight_shift.shape == (out_features, n_groups)
         and x.shape[-1] <= padded_in
     )
-    x2d = _kernel_input(x, INT4_MAX_ROWS) if ok else None
+    x2d = _kernel_input(x, kernel_max_rows(out_features, padded_in, bits)) if ok else None
     if x2d is None:
         return reference.linear_affine(x, weight, weight_scale, weight_shift, bits, bias)
     converted = _int4_weight(weight, weight_scale, weight_shift, bits)

@@ -100,7 +100,7 @@ def _rows_grid(cols: int, rows: int) -> tuple[int, int]:
 # --- elementwise ops -------------------------------------------------------------------------------------------
 
 
-@library.pack.register_kernel("cuda")
+@torch.library.register_kernel(library.pack, "cuda")
 def _pack(values: torch.Tensor, bits: int) -> torch.Tensor:
     if not (
         bits in (2, 4)
@@ -119,7 +119,7 @@ def _pack(values: torch.Tensor, bits: int) -> torch.Tensor:
     return out
 
 
-@library.unpack.register_kernel("cuda")
+@torch.library.register_kernel(library.unpack, "cuda")
 def _unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     if not (bits in (2, 4) and packed.dtype == torch.uint8 and packed.dim() >= 1 and _kernels_ready(packed)):
         return reference.unpack(packed, bits)
@@ -132,7 +132,7 @@ def _unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return out
 
 
-@library.quantize_symmetric.register_kernel("cuda")
+@torch.library.register_kernel(library.quantize_symmetric, "cuda")
 def _quantize_symmetric(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     layout = _scale_layout(x, scale)
     if not (
@@ -150,7 +150,7 @@ def _quantize_symmetric(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
     return out
 
 
-@library.dequantize_symmetric.register_kernel("cuda")
+@torch.library.register_kernel(library.dequantize_symmetric, "cuda")
 def _dequantize_symmetric(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     layout = _scale_layout(q, scale)
     if not (layout is not None and q.dtype in _Q8 and scale.dtype in _FLOAT and _kernels_ready(q, scale)):
@@ -166,7 +166,7 @@ def _dequantize_symmetric(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@library.quantize_per_token.register_kernel("cuda")
+@torch.library.register_kernel(library.quantize_per_token, "cuda")
 def _quantize_per_token(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     if not (dtype in _Q8 and x.dtype in _FLOAT and x.dim() >= 1 and x.shape[-1] > 0 and _kernels_ready(x)):
         return reference.quantize_per_token(x, dtype)
@@ -195,7 +195,7 @@ def _affine_ok(rows: int, cols: int, scale: torch.Tensor, shift: torch.Tensor, b
     )
 
 
-@library.quantize_affine.register_kernel("cuda")
+@torch.library.register_kernel(library.quantize_affine, "cuda")
 def _quantize_affine(w: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, bits: int) -> torch.Tensor:
     if not (
         w.dim() == 2
@@ -218,7 +218,7 @@ def _quantize_affine(w: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, 
     return out
 
 
-@library.dequantize_affine.register_kernel("cuda")
+@torch.library.register_kernel(library.dequantize_affine, "cuda")
 def _dequantize_affine(packed: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, bits: int) -> torch.Tensor:
     cols = packed.shape[-1] * 8 // bits if packed.dim() == 2 and bits in (2, 4) else 0
     if not (
@@ -295,7 +295,7 @@ def _gemm_rows_ok(x: torch.Tensor) -> bool:
     return m <= GEMV_MAX_M or math.ceil(m / _GEMM_TILE) <= _MAX_GRID_Y
 
 
-@library.linear_w8.register_kernel("cuda")
+@torch.library.register_kernel(library.linear_w8, "cuda")
 def _linear_w8(
     x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
@@ -318,7 +318,7 @@ def _linear_w8(
     )  # fmt: skip
 
 
-@library.linear_affine.register_kernel("cuda")
+@torch.library.register_kernel(library.linear_affine, "cuda")
 def _linear_affine(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -350,7 +350,7 @@ def _linear_affine(
     )  # fmt: skip
 
 
-@library.linear_a8w8.register_kernel("cuda")
+@torch.library.register_kernel(library.linear_a8w8, "cuda")
 def _linear_a8w8(
     x_q: torch.Tensor,
     x_scale: torch.Tensor,

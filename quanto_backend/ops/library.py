@@ -1,102 +1,119 @@
 """The ``quanto_backend::*`` custom ops: the one seam between Python and compute.
 
-Each op is defined with :func:`torch.library.custom_op`. Its default implementation (every device) is the
-plain-torch math of :mod:`.reference`; the CPU kernels are registered over it by :mod:`.cpu` and the CUDA
-kernels by :mod:`.cuda`; the fake (meta) implementation lets ``torch.compile`` trace the op as
-one opaque node.
+Each op is defined in the ``quanto_backend`` :class:`torch.library.Library` from the signature of its plain-torch
+reference (:mod:`.reference`), which is its implementation on every device without a kernel of its own; the CPU
+kernels are registered over it by :mod:`.cpu` and the CUDA kernels by :mod:`.cuda`; the fake (meta) implementation
+lets ``torch.compile`` trace the op as one opaque node.
+
+The ops are defined with ``Library.define`` rather than :func:`torch.library.custom_op`: the latter wraps every
+call in a Python autograd layer (about 20 us a call, more than a small layer's matmul) for a derivative these ops
+do not have. Callers route anything that needs gradients around them (see ``tensor.linear.needs_grad``).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
 from . import reference
 
 _NS = "quanto_backend"
+_LIB = torch.library.Library(_NS, "DEF")
+
+
+def _define(reference_fn: Callable) -> torch._ops.OpOverload:
+    """Define ``quanto_backend::<name>`` with the schema of ``reference_fn``'s annotations and ``reference_fn`` as
+    its implementation on every device; returns the op."""
+    name = reference_fn.__name__
+    _LIB.define(name + torch.library.infer_schema(reference_fn, mutates_args=()))
+    op = getattr(getattr(torch.ops, _NS), name).default
+    torch.library.register_kernel(op, None, reference_fn, lib=_LIB)  # None: CompositeExplicitAutograd
+    return op
 
 
 def _out_features_shape(x: torch.Tensor, weight: torch.Tensor) -> tuple[int, ...]:
     return (*x.shape[:-1], weight.shape[0])
 
 
-@torch.library.custom_op(f"{_NS}::pack", mutates_args=())
+@_define
 def pack(values: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack unsigned ``bits``-wide codes along the last dimension into uint8."""
     return reference.pack(values, bits)
 
 
-@pack.register_fake
+@torch.library.register_fake(pack)
 def _(values, bits):
     return values.new_empty((*values.shape[:-1], values.shape[-1] * bits // 8), dtype=torch.uint8)
 
 
-@torch.library.custom_op(f"{_NS}::unpack", mutates_args=())
+@_define
 def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """Unpack uint8 bytes into ``8 // bits`` codes each."""
     return reference.unpack(packed, bits)
 
 
-@unpack.register_fake
+@torch.library.register_fake(unpack)
 def _(packed, bits):
     return packed.new_empty((*packed.shape[:-1], packed.shape[-1] * 8 // bits), dtype=torch.uint8)
 
 
-@torch.library.custom_op(f"{_NS}::quantize_symmetric", mutates_args=())
+@_define
 def quantize_symmetric(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``x / scale`` rounded (int8) or cast (float8); ``scale`` broadcasts against ``x``."""
     return reference.quantize_symmetric(x, scale, dtype)
 
 
-@quantize_symmetric.register_fake
+@torch.library.register_fake(quantize_symmetric)
 def _(x, scale, dtype):
     return torch.empty_like(x, dtype=dtype)
 
 
-@torch.library.custom_op(f"{_NS}::dequantize_symmetric", mutates_args=())
+@_define
 def dequantize_symmetric(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``q * scale`` in the scale's dtype."""
     return reference.dequantize_symmetric(q, scale)
 
 
-@dequantize_symmetric.register_fake
+@torch.library.register_fake(dequantize_symmetric)
 def _(q, scale):
     return torch.empty(torch.broadcast_shapes(q.shape, scale.shape), dtype=scale.dtype, device=q.device)
 
 
-@torch.library.custom_op(f"{_NS}::quantize_per_token", mutates_args=())
+@_define
 def quantize_per_token(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic symmetric quantization with one float32 scale per row (last dimension reduced)."""
     return reference.quantize_per_token(x, dtype)
 
 
-@quantize_per_token.register_fake
+@torch.library.register_fake(quantize_per_token)
 def _(x, dtype):
     return torch.empty_like(x, dtype=dtype), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
 
 
-@torch.library.custom_op(f"{_NS}::quantize_affine", mutates_args=())
+@_define
 def quantize_affine(w: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, bits: int) -> torch.Tensor:
     """Group-wise affine quantization of ``w`` ``[out, n_groups * group_size]``, packed into uint8."""
     return reference.quantize_affine(w, scale, shift, bits)
 
 
-@quantize_affine.register_fake
+@torch.library.register_fake(quantize_affine)
 def _(w, scale, shift, bits):
     return w.new_empty((*w.shape[:-1], w.shape[-1] * bits // 8), dtype=torch.uint8)
 
 
-@torch.library.custom_op(f"{_NS}::dequantize_affine", mutates_args=())
+@_define
 def dequantize_affine(packed: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, bits: int) -> torch.Tensor:
     """Unpack and dequantize a group-wise affine weight to ``[out, n_groups * group_size]``."""
     return reference.dequantize_affine(packed, scale, shift, bits)
 
 
-@dequantize_affine.register_fake
+@torch.library.register_fake(dequantize_affine)
 def _(packed, scale, shift, bits):
     return packed.new_empty((*packed.shape[:-1], packed.shape[-1] * 8 // bits), dtype=scale.dtype)
 
 
-@torch.library.custom_op(f"{_NS}::linear_w8", mutates_args=())
+@_define
 def linear_w8(
     x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
@@ -104,12 +121,12 @@ def linear_w8(
     return reference.linear_w8(x, weight, weight_scale, bias)
 
 
-@linear_w8.register_fake
+@torch.library.register_fake(linear_w8)
 def _(x, weight, weight_scale, bias):
     return x.new_empty(_out_features_shape(x, weight))
 
 
-@torch.library.custom_op(f"{_NS}::linear_affine", mutates_args=())
+@_define
 def linear_affine(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -123,12 +140,12 @@ def linear_affine(
     return reference.linear_affine(x, weight, weight_scale, weight_shift, bits, bias)
 
 
-@linear_affine.register_fake
+@torch.library.register_fake(linear_affine)
 def _(x, weight, weight_scale, weight_shift, bits, bias):
     return x.new_empty(_out_features_shape(x, weight))
 
 
-@torch.library.custom_op(f"{_NS}::linear_a8w8", mutates_args=())
+@_define
 def linear_a8w8(
     x_q: torch.Tensor,
     x_scale: torch.Tensor,
@@ -144,35 +161,35 @@ def linear_a8w8(
     return reference.linear_a8w8(x_q, x_scale, weight, weight_scale, bias, out_dtype)
 
 
-@linear_a8w8.register_fake
+@torch.library.register_fake(linear_a8w8)
 def _(x_q, x_scale, weight, weight_scale, bias, out_dtype):
     return x_q.new_empty(_out_features_shape(x_q, weight), dtype=out_dtype)
 
 
-@torch.library.custom_op(f"{_NS}::quantize_asymmetric", mutates_args=())
+@_define
 def quantize_asymmetric(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
     """uint8 codes ``clamp(round(x / scale) + zero_point, 0, 255)``; ``scale`` and ``zero_point`` broadcast."""
     return reference.quantize_asymmetric(x, scale, zero_point)
 
 
-@quantize_asymmetric.register_fake
+@torch.library.register_fake(quantize_asymmetric)
 def _(x, scale, zero_point):
     return torch.empty_like(x, dtype=torch.uint8)
 
 
-@torch.library.custom_op(f"{_NS}::dequantize_asymmetric", mutates_args=())
+@_define
 def dequantize_asymmetric(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
     """``(q - zero_point) * scale`` in the scale's dtype."""
     return reference.dequantize_asymmetric(q, scale, zero_point)
 
 
-@dequantize_asymmetric.register_fake
+@torch.library.register_fake(dequantize_asymmetric)
 def _(q, scale, zero_point):
     shape = torch.broadcast_shapes(q.shape, scale.shape, zero_point.shape)
     return torch.empty(shape, dtype=scale.dtype, device=q.device)
 
 
-@torch.library.custom_op(f"{_NS}::linear_w8_asymmetric", mutates_args=())
+@_define
 def linear_w8_asymmetric(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -185,12 +202,12 @@ def linear_w8_asymmetric(
     return reference.linear_w8_asymmetric(x, weight, weight_scale, weight_zero_point, bias)
 
 
-@linear_w8_asymmetric.register_fake
+@torch.library.register_fake(linear_w8_asymmetric)
 def _(x, weight, weight_scale, weight_zero_point, bias):
     return x.new_empty(_out_features_shape(x, weight))
 
 
-@torch.library.custom_op(f"{_NS}::linear_a8w8_asymmetric", mutates_args=())
+@_define
 def linear_a8w8_asymmetric(
     x_q: torch.Tensor,
     x_scale: torch.Tensor,
@@ -211,6 +228,6 @@ def linear_a8w8_asymmetric(
     )
 
 
-@linear_a8w8_asymmetric.register_fake
+@torch.library.register_fake(linear_a8w8_asymmetric)
 def _(x_q, x_scale, x_zero_point, weight, weight_scale, weight_zero_point, bias, out_dtype):
     return x_q.new_empty(_out_features_shape(x_q, weight), dtype=out_dtype)

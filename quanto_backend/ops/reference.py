@@ -76,13 +76,14 @@ def quantize_affine(w: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, b
 
 def dequantize_affine(packed: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, bits: int) -> torch.Tensor:
     """Unpack and dequantize to ``[out, n_groups * group_size]`` in the scale's dtype."""
-    codes = unpack(packed, bits).float().unflatten(-1, (scale.shape[-1], -1))
-    w = (codes - shift.float().unsqueeze(-1)) * scale.float().unsqueeze(-1)
+    codes = unpack(packed, bits).unflatten(-1, (scale.shape[-1], -1))
+    # In place: each fresh weight-sized buffer costs its page faults, more than the arithmetic (same results).
+    w = codes.float().sub_(shift.float().unsqueeze(-1)).mul_(scale.float().unsqueeze(-1))
     return w.flatten(-2).to(scale.dtype)
 
 
 def linear_w8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None):
-    w = (weight.float() * weight_scale.float()).to(x.dtype)
+    w = weight.to(torch.float32, copy=True).mul_(weight_scale.float()).to(x.dtype)  # in place: see dequantize_affine
     return F.linear(x, w, bias)
 
 
