@@ -2,7 +2,8 @@
 packed-kernel path and of the exact reference path of ``linear_w8`` (int8) and ``linear_affine`` (int4, group 128).
 
 ``quanto_backend.ops.cpu.kernel_max_rows`` is fitted to the crossovers this measures; the JSON keeps, per shape and
-weight, the measured crossover (the largest row count whose kernel run was faster) next to the bound in use.
+weight, the measured crossover (the largest row count up to which every kernel run was faster) next to the bound
+in use.
 
     python bench/cpu_dispatch.py                 # bench/results/cpu_dispatch.json and .png
     python bench/cpu_dispatch.py --quick --output-dir /tmp/out
@@ -84,14 +85,18 @@ def run(shapes, rows_list, threads: int) -> dict:
                     f"{in_features:>5}x{out_features:<6} {name} rows={rows:<4} kernel {kernel:9.3f} ms  "
                     f"reference {reference:9.3f} ms"
                 )
-            faster = [t["rows"] for t in timings if t["kernel_ms"] < t["reference_ms"]]
+            crossover = 0  # the kernel was faster at every measured row count up to this one
+            for t in timings:
+                if t["kernel_ms"] >= t["reference_ms"]:
+                    break
+                crossover = t["rows"]
             results.append(
                 {
                     "in_features": in_features,
                     "out_features": out_features,
                     "weights": name,
                     "timings": timings,
-                    "measured_crossover_rows": max(faster, default=0),
+                    "measured_crossover_rows": crossover,
                     "kernel_max_rows": cpu.kernel_max_rows(out_features, in_features, bits),
                 }
             )

@@ -37,19 +37,23 @@ GPU_MODEL = {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers"
 QUICK_MODEL = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "vocab_size": 512}
 
 # name -> (how it is built, its arguments). "plain": from_pretrained in a dtype; "quanto_config": from_pretrained
-# with QuantoConfig(**args); "quantize": plain float32/bfloat16 load then quantize_backend.quantize(**args).
+# with QuantoConfig(**args), in the device's float dtype unless args name one (the "(bf16)" rows on CPU, whose
+# activations, lm_head and attention are bfloat16, as in the bfloat16 row); "quantize": plain float32/bfloat16 load
+# then quantize_backend.quantize(**args).
 CONFIGS: dict[str, tuple[str, dict]] = {
     "float32": ("plain", {"dtype": "float32"}),
     "bfloat16": ("plain", {"dtype": "bfloat16"}),
     "int8": ("quanto_config", {"weights": "int8"}),
     "int4": ("quanto_config", {"weights": "int4"}),
     "float8": ("quanto_config", {"weights": "float8"}),
+    "int8 (bf16)": ("quanto_config", {"weights": "int8", "dtype": "bfloat16"}),
+    "int4 (bf16)": ("quanto_config", {"weights": "int4", "dtype": "bfloat16"}),
     "w8a8-dynamic": ("quantize", {"weights": "int8", "activations": "int8", "activation_scales": "dynamic"}),
     "optimum-quanto int8": ("optimum_quanto", {"weights": "qint8"}),
     "optimum-quanto int4": ("optimum_quanto", {"weights": "qint4"}),
     "torchao int8": ("torchao", {}),
 }
-CPU_CONFIGS = ("float32", "bfloat16", "int8", "int4", "w8a8-dynamic")
+CPU_CONFIGS = ("float32", "bfloat16", "int8", "int4", "int8 (bf16)", "int4 (bf16)", "w8a8-dynamic")
 GPU_CONFIGS = ("bfloat16", "int8", "int4", "float8", "w8a8-dynamic")
 OPTIONAL = {"optimum-quanto int8": "optimum.quanto", "optimum-quanto int4": "optimum.quanto", "torchao int8": "torchao"}
 
@@ -127,9 +131,10 @@ def _load(checkpoint: Path, name: str, device: torch.device, float_dtype: torch.
             checkpoint, dtype=getattr(torch, args["dtype"]), device_map=device_map
         )
     if kind == "quanto_config":
-        config = quanto_backend.QuantoConfig(**args)
+        config = quanto_backend.QuantoConfig(**{k: v for k, v in args.items() if k != "dtype"})
+        dtype = getattr(torch, args["dtype"]) if "dtype" in args else float_dtype
         return AutoModelForCausalLM.from_pretrained(
-            checkpoint, dtype=float_dtype, device_map=device_map, quantization_config=config
+            checkpoint, dtype=dtype, device_map=device_map, quantization_config=config
         )
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=float_dtype, device_map=device_map)
     if kind == "quantize":
@@ -196,6 +201,8 @@ def worker(
         "decode_ms_per_token": statistics.median(steps) * 1e3,
         "prefill_ms": prefill * 1e3,
         "peak_memory_mb": run_peak.peak / 2**20,
+        # CPU: the process's RSS before loading (interpreter, torch, transformers), included in both peaks
+        "runtime_mb": load_peak.before / 2**20,
         "weights_mb": weights_nbytes(model) / 2**20,
         "load_s": load_s,
         "load_peak_mb": (load_peak.peak - load_peak.before) / 2**20,

@@ -93,8 +93,8 @@ def test_linear_w8_batched_input_and_float32_scale(spy, dtype):
 def test_row_bound_grows_with_the_weight():
     # A sentence-embedding batch (hundreds of rows) through a small layer takes the reference; a large layer keeps
     # the kernel for a few hundred rows; decode (one row) always takes it.
-    assert cpu.kernel_max_rows(384, 384, 8) < cpu.kernel_max_rows(4096, 4096, 8) <= 256
-    assert cpu.kernel_max_rows(384, 1536, 4) < 240 < cpu.kernel_max_rows(4096, 14336, 4) <= 512
+    assert cpu.kernel_max_rows(384, 384, 8) < cpu.kernel_max_rows(4096, 4096, 8) <= 128
+    assert cpu.kernel_max_rows(384, 1536, 4) < cpu.kernel_max_rows(4096, 14336, 4) <= 128 < 240
     assert cpu.kernel_max_rows(8, 8, 8) == cpu.kernel_max_rows(8, 8, 4) == 1
 
 

@@ -49,13 +49,13 @@ def kernel_max_rows(out_features: int, in_features: int, bits: int) -> int:
     """Rows of float32/float16 activations up to which the kernel for a ``bits``-wide weight beats the reference.
 
     The reference dequantizes the whole weight at every call, then runs a float matmul that is faster per row than
-    the kernels: its fixed cost is amortized over the rows. The crossover measured by ``bench/cpu_dispatch.py`` (2
-    AVX2 cores, weights from 384x384 to 4096x14336) grows about as the square root of the weight's size, a little
-    above ``sqrt(out * in) / 20`` rows for int8 and ``/ 12`` for 4-bit (whose reference also unpacks the codes);
-    beyond 256 and 512 rows the float matmul wins at every measured size.
+    the kernels: its fixed cost is amortized over the rows. The crossovers measured by ``bench/cpu_dispatch.py`` (2
+    AVX2 cores, weights from 384x384 to 4096x14336, several runs) grow with the weight's size: from 8-32 rows
+    (384x384) to 128-256 (4096x14336) for int8, from 64-128 to 128-256 for 4-bit (whose reference also unpacks the
+    codes). The bound follows the square root of the size, on the low side of those ranges.
     """
     root = math.isqrt(out_features * in_features)
-    return max(1, min(256, root // 20) if bits == 8 else min(512, root // 12))
+    return max(1, min(128, root // (32 if bits == 8 else 16)))
 
 
 def _kernel_input(x: torch.Tensor, max_rows: int | None) -> torch.Tensor | None:

@@ -7,7 +7,8 @@ lets ``torch.compile`` trace the op as one opaque node.
 
 The ops are defined with ``Library.define`` rather than :func:`torch.library.custom_op`: the latter wraps every
 call in a Python autograd layer (about 20 us a call, more than a small layer's matmul) for a derivative these ops
-do not have. Callers route anything that needs gradients around them (see ``tensor.linear.needs_grad``).
+do not have. Callers route anything that needs gradients around them (see ``tensor.linear.needs_grad``); a
+backward through an op itself gets PyTorch's warning that no autograd kernel is registered.
 """
 
 from __future__ import annotations
