@@ -58,17 +58,17 @@ def kernel_max_rows(out_features: int, in_features: int, bits: int) -> int:
     return max(1, min(128, root // (32 if bits == 8 else 16)))
 
 
-def _kernel_input(x: torch.Tensor, max_rows: int | None) -> torch.Tensor | None:
+def _kernel_input(x: torch.Tensor, max_rows: int) -> torch.Tensor | None:
     """``x`` as the contiguous 2-D bfloat16 matrix the kernels take, or ``None`` where the reference is better.
 
-    ``max_rows`` bounds the rows of float32/float16 activations (rounded to bfloat16); ``None`` means no bound.
+    ``max_rows`` bounds the rows of float32/float16 activations (rounded to bfloat16).
     """
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if rows == 0:
         return None
     if x.dtype == torch.bfloat16:
         return x.reshape(rows, x.shape[-1]).contiguous()
-    if x.dtype in _CAST_DTYPES and (max_rows is None or rows <= max_rows):
+    if x.dtype in _CAST_DTYPES and rows <= max_rows:
         return x.reshape(rows, x.shape[-1]).to(torch.bfloat16).contiguous()
     return None
 
