@@ -10,12 +10,10 @@ command and the accuracy tests do). Static activation scales are calibrated on t
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from pathlib import Path
 
 import torch
-from plot import machine_info, plot_accuracy  # bench/plot.py, next to this script
+from plot import machine_info, save_report  # bench/plot.py, next to this script
 
 from quanto_backend import Calibration, freeze, quantize
 from quanto_backend.evaluate import (
@@ -124,11 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if use_cuda else "cpu")
     names = args.configs or list(QUICK_CONFIGS if args.quick else CONFIGS)
     report = run(names, not args.no_optional, device, 16 if args.quick else None)
-    report["command"] = "python bench/accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    out = args.output_dir / f"accuracy-{device.type}.json"
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out} and {plot_accuracy(report, out.with_suffix('.png'))}")
+    save_report(report, args.output_dir / f"accuracy-{device.type}.json", __file__, argv)
     return 0
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import statistics
 import sys
 import time
@@ -21,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from plot import machine_info, plot_cpu_dispatch  # bench/plot.py, next to this script
+from plot import machine_info, save_report  # bench/plot.py, next to this script
 
 from quanto_backend import ops
 from quanto_backend.ops import cpu
@@ -111,11 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     shapes, rows = (((384, 384), (384, 1536)), (1, 32, 256)) if args.quick else (SHAPES, ROWS)
     report = run(shapes, rows, args.threads)
-    report["command"] = "python bench/cpu_dispatch.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    out = args.output_dir / "cpu_dispatch.json"
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out} and {plot_cpu_dispatch(report, out.with_suffix('.png'))}")
+    save_report(report, args.output_dir / "cpu_dispatch.json", __file__, argv)
     return 0
 
 

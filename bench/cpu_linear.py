@@ -12,18 +12,16 @@ median and the quartiles of each. Optional columns for optimum-quanto and torcha
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from plot import machine_info, plot_cpu_linear  # bench/plot.py, next to this script
+from plot import machine_info, save_report  # bench/plot.py, next to this script
 from torch import nn
 
 from quanto_backend import freeze, quantize
@@ -175,11 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.in_features, args.out_features, args.m, args.rounds = 256, 512, [1, 4], 3
     report = run(args.in_features, args.out_features, args.m, args.rounds, args.threads, not args.no_optional)
-    report["command"] = "python bench/cpu_linear.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    out = args.output_dir / "cpu_linear.json"
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out} and {plot_cpu_linear(report, out.with_suffix('.png'))}")
+    save_report(report, args.output_dir / "cpu_linear.json", __file__, argv)
     return 0
 
 

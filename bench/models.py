@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from plot import machine_info, plot_models  # bench/plot.py, next to this script
+from plot import machine_info, save_report  # bench/plot.py, next to this script
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -277,12 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda:0" if use_cuda else "cpu")
     report = run(args, device)
-    report["command"] = "python bench/models.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    label = "cpu" if device.type == "cpu" else "cuda"
-    out = args.output_dir / f"models-{label}.json"
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out} and {plot_models(report, out.with_suffix('.png'))}")
+    save_report(report, args.output_dir / f"models-{device.type}.json", __file__, argv)
     return 0 if report["rows"] else 1
 
 

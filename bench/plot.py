@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,6 +33,7 @@ __all__ = [
     "plot_file",
     "plot_kernels",
     "plot_models",
+    "save_report",
 ]
 
 
@@ -225,6 +227,15 @@ def plot_file(json_path: Path, png_path: Path | None = None) -> Path:
     if kind not in PLOTTERS:
         raise ValueError(f"{json_path}: unknown benchmark {kind!r}; known: {', '.join(PLOTTERS)}")
     return PLOTTERS[kind](report, png_path or json_path.with_suffix(".png"))
+
+
+def save_report(report: dict, json_path: Path, script: str, argv: list[str] | None) -> None:
+    """Record the command line (``script``: the bench script's ``__file__``; ``argv``: its arguments, ``None`` for
+    the process's) in ``report``, write it to ``json_path`` and draw its chart next to it."""
+    report["command"] = f"python bench/{Path(script).name} " + " ".join(sys.argv[1:] if argv is None else argv)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {json_path} and {PLOTTERS[report['benchmark']](report, json_path.with_suffix('.png'))}")
 
 
 def main(argv: list[str] | None = None) -> int:
