@@ -7,7 +7,8 @@ median of repeats), and reports the speedup and the achieved bandwidth (bytes re
 fraction of the device's peak memory bandwidth. It also measures the bandwidth of quantizing a weight on the GPU.
 
 Without a GPU (or with ``--device cpu``) it runs a small CPU variant against float32 and bfloat16 ``F.linear``;
-``--quick`` shrinks either run to a few shapes. Results go to ``bench/results/kernels-<device>.json``.
+``--quick`` shrinks either run to a few shapes. Results go to ``bench/results/kernels-<device>.json``, and its
+chart next to it.
 
     python bench/kernels.py                 # GPU: full grid
     python bench/kernels.py --quick --device cpu --output /tmp/k.json
@@ -16,7 +17,6 @@ Without a GPU (or with ``--device cpu``) it runs a small CPU variant against flo
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import statistics
 import time
@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from plot import machine_info, save_report  # bench/plot.py, next to this script
 
 from quanto_backend import ops
 
@@ -209,8 +210,10 @@ def run(device: torch.device, quick: bool, repeats: int, peak_gbps: float | None
                 print(f"{qtype:>6} {mode:<11} {k:>6}x{n:<6} M={m:<5} {ms * 1e3:9.1f} us  {', '.join(speedups)}{peak}")
         del w
     return {
+        "benchmark": "kernels",
         "device": torch.cuda.get_device_name(device) if on_gpu else "cpu",
-        "torch": torch.__version__,
+        "machine": machine_info(),
+        "threads": torch.get_num_threads(),
         "peak_gbps": peak_gbps,
         "quick": quick,
         "group_size": GROUP_SIZE,
@@ -233,9 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda") if use_cuda else torch.device("cpu")
     report = run(device, args.quick, args.repeats, peak_bandwidth_gbps(device, args.peak_gbps))
     output = args.output or Path(__file__).parent / "results" / f"kernels-{device_label(device)}.json"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {output}")
+    save_report(report, output, __file__, argv)
     return 0
 
 

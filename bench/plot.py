@@ -79,33 +79,32 @@ def _save(fig, path: Path) -> Path:
 
 
 def plot_kernels(report: dict, path: Path) -> Path:
-    """``bench/kernels.py``: speedup over the float baseline and achieved bandwidth, per shape, qtype/mode and M."""
+    """``bench/kernels.py``: speedup over each float baseline (bfloat16 on a GPU; float32 and bfloat16 on CPU) and
+    achieved bandwidth, per shape, qtype/mode and M."""
     rows = report["linear"]
     shapes = sorted({(r["in_features"], r["out_features"]) for r in rows})
     cases = list(dict.fromkeys((r["qtype"], r["mode"]) for r in rows))
-    baseline = "bfloat16" if any("speedup_vs_bfloat16" in r for r in rows) else "float32"
-    if report.get("device") == "cpu" and any("speedup_vs_float32" in r for r in rows):
-        baseline = "float32"
+    baselines = [b for b in ("float32", "bfloat16") if any(f"speedup_vs_{b}" in r for r in rows)]
     use_peak = all("peak_fraction" in r for r in rows)
-    fig, axes = plt.subplots(2, len(shapes), figsize=(5 * len(shapes), 7), squeeze=False)
+    bw_key, bw_label = ("peak_fraction", "fraction of peak bandwidth") if use_peak else ("gbps", "achieved GB/s")
+    n_rows = len(baselines) + 1
+    fig, axes = plt.subplots(n_rows, len(shapes), figsize=(5 * len(shapes), 3.5 * n_rows), squeeze=False)
     for col, (k, n) in enumerate(shapes):
-        ms = sorted({r["m"] for r in rows if (r["in_features"], r["out_features"]) == (k, n)})
         by_key = {(r["qtype"], r["mode"], r["m"]): r for r in rows if (r["in_features"], r["out_features"]) == (k, n)}
-        speed, bandwidth = {}, {}
-        for qtype, mode in cases:
-            label = f"{qtype} {mode}"
-            picked = [by_key.get((qtype, mode, m)) for m in ms]
-            speed[label] = [r[f"speedup_vs_{baseline}"] if r else float("nan") for r in picked]
-            key = "peak_fraction" if use_peak else "gbps"
-            bandwidth[label] = [r[key] if r else float("nan") for r in picked]
+        ms = sorted({m for _, _, m in by_key})
         labels = [f"M={m}" for m in ms]
-        _bar_group(axes[0][col], labels, speed, f"speedup vs {baseline} F.linear")
-        axes[0][col].axhline(1.0, color="black", linewidth=0.8)
+
+        picked = {f"{q} {mode}": [by_key.get((q, mode, m)) for m in ms] for q, mode in cases}
+        for row, key in enumerate([f"speedup_vs_{b}" for b in baselines] + [bw_key]):
+            series = {label: [r[key] if r else float("nan") for r in rs] for label, rs in picked.items()}
+            ylabel = bw_label if key == bw_key else f"speedup vs {baselines[row]} F.linear"
+            _bar_group(axes[row][col], labels, series, ylabel)
+            if key != bw_key:
+                axes[row][col].axhline(1.0, color="black", linewidth=0.8)
         axes[0][col].set_title(f"{k} -> {n}")
-        bw_label = "fraction of peak bandwidth" if use_peak else "achieved bandwidth (GB/s)"
-        _bar_group(axes[1][col], labels, bandwidth, bw_label)
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"quantized linear kernels on {report.get('device', '?')} (torch {report.get('torch', '?')})")
+    torch_version = report.get("machine", {}).get("torch", report.get("torch", "?"))
+    fig.suptitle(f"quantized linear kernels on {report.get('device', '?')} (torch {torch_version})")
     return _save(fig, path)
 
 

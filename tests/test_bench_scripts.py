@@ -65,8 +65,20 @@ def test_accuracy(tmp_path):
     assert cosine["W8A8 int8 static"] > 0.95
 
 
-def test_kernels_json_charts_with_the_shared_plot(tmp_path):
+def test_kernels(tmp_path):
     out = tmp_path / "kernels-cpu.json"
     run_script("kernels.py", "--quick", "--device", "cpu", "--repeats", "2", "--output", out)
-    run_script("plot.py", out)
-    assert read(out)["linear"]
+    report = read(out)
+    assert report["benchmark"] == "kernels" and report["command"].startswith("python bench/kernels.py --quick")
+    assert {(r["qtype"], r["mode"]) for r in report["linear"]} == {
+        ("int8", "weight-only"),
+        ("int4", "weight-only"),
+        ("int2", "weight-only"),
+        ("float8", "weight-only"),
+        ("int8", "w8a8-int8"),
+        ("float8", "fp8xfp8"),
+    }
+    assert all(r["speedup_vs_float32"] > 0 and r["speedup_vs_bfloat16"] > 0 for r in report["linear"])
+    out.with_suffix(".png").unlink()
+    run_script("plot.py", out)  # redraws the chart from the JSON alone
+    assert out.with_suffix(".png").read_bytes()[:8] == PNG_MAGIC

@@ -97,6 +97,27 @@ def test_hqq_beats_minmax_on_a_real_weight(minilm_weight):
         assert hqq < minmax * 0.97, (qtype, group_size, hqq, minmax)
 
 
+def test_hqq_stops_early_close_to_the_full_refinement(minilm_weight, monkeypatch):
+    steps = []
+    fit = HqqOptimizer._fit
+    monkeypatch.setattr(HqqOptimizer, "_fit", staticmethod(lambda *args: steps.append(1) or fit(*args)))
+    early = _rel_error(quantize_weight(minilm_weight, qint4, 128, HqqOptimizer()), minilm_weight)
+    early_steps, steps[:] = len(steps), []
+    full = _rel_error(quantize_weight(minilm_weight, qint4, 128, HqqOptimizer(tolerance=0)), minilm_weight)
+    assert 1 <= early_steps < len(steps) <= 20
+    assert full <= early < full * 1.01
+
+
+def test_hqq_shrinks_large_residuals_with_the_lp_operator():
+    optimizer, beta = HqqOptimizer(), 10.0
+    w, residual = torch.randn(4096), torch.randn(4096) * 0.3  # about half beyond the threshold of 0.17
+    p = optimizer.lp_norm
+    shrunk = torch.sign(residual) * torch.relu(residual.abs() - residual.abs().pow(p - 1) / beta)
+    assert (shrunk != 0).float().mean() > 0.3
+    torch.testing.assert_close(optimizer._target(w, residual, beta), w - shrunk)
+    assert optimizer._target(w, residual * 0.1, beta) is w  # nothing beyond the threshold: no shrinkage
+
+
 def test_optimizer_must_fit_the_format():
     with pytest.raises(ValueError, match="affine optimizer"):
         quantize_weight(torch.randn(4, 64), qint4, optimizer="absmax")
