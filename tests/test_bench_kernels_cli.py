@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,11 @@ BENCH = Path(__file__).resolve().parents[1] / "bench" / "kernels.py"
 def bench():
     spec = importlib.util.spec_from_file_location("bench_kernels", BENCH)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.path.insert(0, str(BENCH.parent))  # the script imports bench/plot.py as `plot`
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCH.parent))
     return module
 
 
