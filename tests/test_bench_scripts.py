@@ -7,25 +7,35 @@ import importlib.util
 import json
 import sys
 from pathlib import Path
+from types import ModuleType
 
+import pytest
 import torch
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def run_script(name: str, *args: str | Path) -> None:
-    """Run ``bench/<name>``'s ``main`` in this process (importing quanto_backend again in a subprocess would cost
-    more than the quick run itself); models.py still starts one process per configuration, as it always does."""
+def load_script(name: str) -> ModuleType:
+    """Import ``bench/<name>`` as a module (the scripts import bench/plot.py as ``plot``)."""
     spec = importlib.util.spec_from_file_location(f"bench_{name.removesuffix('.py')}", BENCH / name)
     module = importlib.util.module_from_spec(spec)
-    threads = torch.get_num_threads()
-    sys.path.insert(0, str(BENCH))  # the scripts import bench/plot.py as `plot`
+    sys.path.insert(0, str(BENCH))
     try:
         spec.loader.exec_module(module)
-        assert module.main([str(a) for a in args]) == 0
     finally:
         sys.path.remove(str(BENCH))
+    return module
+
+
+def run_script(script: str | ModuleType, *args: str | Path) -> None:
+    """Run a bench script's ``main`` in this process (importing quanto_backend again in a subprocess would cost
+    more than the quick run itself); models.py still starts one process per configuration, as it always does."""
+    module = load_script(script) if isinstance(script, str) else script
+    threads = torch.get_num_threads()
+    try:
+        assert module.main([str(a) for a in args]) == 0
+    finally:
         torch.set_num_threads(threads)
 
 
@@ -65,11 +75,32 @@ def test_accuracy(tmp_path):
     assert cosine["W8A8 int8 static"] > 0.95
 
 
-def test_kernels(tmp_path):
+def test_kernels(tmp_path, monkeypatch):
+    bench = load_script("kernels.py")
+    monkeypatch.setattr(bench, "QUICK_CPU_SHAPES", ((128, 96),))
+    monkeypatch.setattr(bench, "QUICK_CPU_M_VALUES", (1, 3))
     out = tmp_path / "kernels-cpu.json"
-    run_script("kernels.py", "--quick", "--device", "cpu", "--repeats", "2", "--output", out)
+    run_script(bench, "--device", "cpu", "--quick", "--repeats", "2", "--output", out)
     report = read(out)
-    assert report["benchmark"] == "kernels" and report["command"].startswith("python bench/kernels.py --quick")
+    assert report["benchmark"] == "kernels" and report["command"].startswith("python bench/kernels.py --device cpu")
+    assert report["device"] == "cpu" and report["quick"] is True
+    cases = {(r["qtype"], r["mode"]) for r in report["linear"]}
+    assert cases == set(bench.CASES)
+    assert len(report["linear"]) == len(bench.CASES) * 2
+    for row in report["linear"]:
+        assert row["in_features"] == 128 and row["out_features"] == 96 and row["m"] in (1, 3)
+        assert row["time_ms"] > 0 and row["bytes"] > 128 * 96 // 4
+        for name in ("float32", "bfloat16"):
+            assert row[f"speedup_vs_{name}"] == pytest.approx(row[f"{name}_linear_ms"] / row["time_ms"])
+    assert {r["qtype"] for r in report["quantize"]} == {"int8", "int4", "int2", "float8"}
+    assert all(r["gbps"] > 0 for r in report["quantize"])
     out.with_suffix(".png").unlink()
     run_script("plot.py", out)  # redraws the chart from the JSON alone
     assert out.with_suffix(".png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_kernels_peak_bandwidth_override():
+    bench = load_script("kernels.py")
+    assert bench.peak_bandwidth_gbps(torch.device("cpu"), 100.0) == 100.0
+    assert bench.peak_bandwidth_gbps(torch.device("cpu"), None) is None
+    assert bench.device_label(torch.device("cpu")) == "cpu"

@@ -123,7 +123,7 @@ class HqqOptimizer(AffineOptimizer):
         mean_error = best_error.mean().item()
         beta = self.beta
         for _ in range(self.iterations):
-            scale, shift = self._fit(codes, self._target(w, residual, beta), scale, shift)
+            scale, shift = self._fit(codes, self._target(w, residual, beta), scale)
             beta *= self.kappa
             codes, residual, error = self._quantize(w, scale, shift, qtype)
             improved = error < best_error
@@ -160,7 +160,7 @@ class HqqOptimizer(AffineOptimizer):
         return w - shrunk
 
     @staticmethod
-    def _fit(codes, target, scale, shift):
+    def _fit(codes, target, scale):
         """Least-squares ``target ~= a * codes + b`` per group; groups whose codes are all equal keep the old
         scale and only move the shift."""
         codes_mean = codes.mean(dim=-1, keepdim=True)
