@@ -1,11 +1,13 @@
-"""Where the CPU kernels stop paying: for each layer shape and number of float32 activation rows, the time of the
-packed-kernel path and of the exact reference path of ``linear_w8`` (int8) and ``linear_affine`` (int4, group 128).
+"""Where the CPU kernels stop paying: for each layer shape, activation dtype and number of rows, the time of the
+packed-kernel path and of the dequantizing path of ``linear_w8`` (int8) and ``linear_affine`` (int4, group 128),
+and of ``_weight_int8pack_mm`` against ``torch._int_mm`` for int8 x int8 (``linear_a8w8``).
 
-``quanto_backend.ops.cpu.kernel_max_rows`` is fitted to the crossovers this measures; the JSON keeps, per shape and
-weight, the measured crossover (the largest row count up to which every kernel run was faster) next to the bound
-in use.
+The row bounds in ``quanto_backend/ops/cpu.py`` (``_ROW_BOUNDS`` and ``A8W8_INT8PACK_MAX_ROWS``, one entry per CPU
+capability) are fitted to the crossovers this measures; the JSON keeps, per shape, weight and dtype, the measured
+crossover (the largest row count up to which every kernel run was faster) next to the bound in use, and the CPU
+capability it ran on.
 
-    python bench/cpu_dispatch.py                 # bench/results/cpu_dispatch.json and .png
+    python bench/cpu_dispatch.py                 # bench/results/cpu_dispatch-<capability>.json and .png
     python bench/cpu_dispatch.py --quick --output-dir /tmp/out
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import statistics
 import sys
 import time
@@ -47,16 +50,29 @@ def _median_ms(fn: Callable[[], object], budget_s: float = 0.3) -> float:
 
 @contextlib.contextmanager
 def _kernel_rows(bound: int):
-    """Every call with up to ``bound`` rows takes the kernel, the others the reference."""
-    rule = cpu.kernel_max_rows
+    """Every call with up to ``bound`` rows takes the packed kernel, the others the dequantizing path (int8 x int8:
+    ``_weight_int8pack_mm`` up to ``bound`` rows, ``torch._int_mm`` beyond)."""
+    rule, a8w8 = cpu.kernel_max_rows, dict(cpu.A8W8_INT8PACK_MAX_ROWS)
     cpu.kernel_max_rows = lambda *_: bound
+    cpu.A8W8_INT8PACK_MAX_ROWS[cpu.cpu_capability()] = bound
     try:
         yield
     finally:
         cpu.kernel_max_rows = rule
+        cpu.A8W8_INT8PACK_MAX_ROWS.clear()
+        cpu.A8W8_INT8PACK_MAX_ROWS.update(a8w8)
 
 
-def run(shapes, rows_list, threads: int) -> dict:
+def _call(name: str, q, x: torch.Tensor):
+    if name == "int8":
+        return lambda: ops.linear_w8(x, q.qdata, q.scale, None)
+    if name == "int4":
+        return lambda: ops.linear_affine(x, q.qdata, q.scale, q.shift, 4, None)
+    x_q, x_scale = ops.quantize_per_token(x, torch.int8)  # W8A8: the activations quantized once, outside the timing
+    return lambda: ops.linear_a8w8(x_q, x_scale, q.qdata, q.scale, None, torch.float32)
+
+
+def run(shapes, rows_list, threads: int, dtypes) -> dict:
     torch.set_num_threads(threads)
     results = []
     for in_features, out_features in shapes:
@@ -64,39 +80,44 @@ def run(shapes, rows_list, threads: int) -> dict:
         weights = {
             "int8": (quantize_weight(w, "int8"), 8),
             "int4": (quantize_weight(w, "int4", group_size=128, optimizer="minmax"), 4),
+            "w8a8": (quantize_weight(w, "int8"), 8),
         }
-        for name, (q, bits) in weights.items():
+        for (name, (q, bits)), dtype in itertools.product(weights.items(), dtypes):
+            if name == "w8a8" and dtype != torch.float32:
+                continue  # int8 x int8: the activation dtype only changes the cast of the output
             timings = []
             for rows in rows_list:
                 if rows * in_features * out_features > MAX_WORK:
                     continue
-                x = torch.randn(rows, in_features)
-                if bits == 8:
-                    fn = lambda x=x, q=q: ops.linear_w8(x, q.qdata, q.scale, None)  # noqa: E731
-                else:
-                    fn = lambda x=x, q=q: ops.linear_affine(x, q.qdata, q.scale, q.shift, 4, None)  # noqa: E731
+                fn = _call(name, q, torch.randn(rows, in_features).to(dtype))
                 with torch.no_grad(), _kernel_rows(sys.maxsize):
                     kernel = _median_ms(fn)
                 with torch.no_grad(), _kernel_rows(0):
-                    reference = _median_ms(fn)
-                timings.append({"rows": rows, "kernel_ms": kernel, "reference_ms": reference})
+                    dequantized = _median_ms(fn)
+                timings.append({"rows": rows, "kernel_ms": kernel, "dequantized_ms": dequantized})
                 print(
-                    f"{in_features:>5}x{out_features:<6} {name} rows={rows:<4} kernel {kernel:9.3f} ms  "
-                    f"reference {reference:9.3f} ms"
+                    f"{in_features:>5}x{out_features:<6} {name} {str(dtype)[6:]:<8} rows={rows:<4} "
+                    f"kernel {kernel:9.3f} ms  other path {dequantized:9.3f} ms"
                 )
             crossover = 0  # the kernel was faster at every measured row count up to this one
             for t in timings:
-                if t["kernel_ms"] >= t["reference_ms"]:
+                if t["kernel_ms"] >= t["dequantized_ms"]:
                     break
                 crossover = t["rows"]
+            bound = (
+                cpu.A8W8_INT8PACK_MAX_ROWS.get(cpu.cpu_capability(), 0)
+                if name == "w8a8"
+                else cpu.kernel_max_rows(out_features, in_features, bits, dtype)
+            )
             results.append(
                 {
                     "in_features": in_features,
                     "out_features": out_features,
                     "weights": name,
+                    "dtype": str(dtype).removeprefix("torch."),
                     "timings": timings,
                     "measured_crossover_rows": crossover,
-                    "kernel_max_rows": cpu.kernel_max_rows(out_features, in_features, bits),
+                    "kernel_max_rows": bound,
                 }
             )
     return {"benchmark": "cpu_dispatch", "threads": threads, "machine": machine_info(), "results": results}
@@ -106,11 +127,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="two small shapes, three row counts")
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--output-dir", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     shapes, rows = (((384, 384), (384, 1536)), (1, 32, 256)) if args.quick else (SHAPES, ROWS)
-    report = run(shapes, rows, args.threads)
-    save_report(report, args.output_dir / "cpu_dispatch.json", __file__, argv)
+    report = run(shapes, rows, args.threads, [getattr(torch, d) for d in args.dtypes])
+    name = f"cpu_dispatch-{report['machine']['cpu_capability'].lower()}.json"
+    save_report(report, args.output_dir / name, __file__, argv)
     return 0
 
 

@@ -145,18 +145,21 @@ def plot_cpu_linear(report: dict, path: Path) -> Path:
 
 def plot_cpu_dispatch(report: dict, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for name, marker in (("int8", "o"), ("int4", "s")):
+    series = sorted({(r["weights"], r.get("dtype", "float32")) for r in report["results"]})
+    for name, dtype in series:
         results = sorted(
-            (r for r in report["results"] if r["weights"] == name), key=lambda r: r["in_features"] * r["out_features"]
+            (r for r in report["results"] if r["weights"] == name and r.get("dtype", "float32") == dtype),
+            key=lambda r: r["in_features"] * r["out_features"],
         )
         size = [(r["in_features"] * r["out_features"]) ** 0.5 for r in results]
-        ax.plot(size, [r["measured_crossover_rows"] for r in results], marker, label=f"{name}: measured crossover")
-        ax.plot(size, [r["kernel_max_rows"] for r in results], "--", label=f"{name}: kernel_max_rows")
+        line = ax.plot(size, [r["measured_crossover_rows"] for r in results], "o", label=f"{name} {dtype}: measured")
+        ax.plot(size, [r["kernel_max_rows"] for r in results], "--", color=line[0].get_color(), label="bound in use")
     ax.set_xscale("log")
     ax.set_yscale("symlog", linthresh=1)
     ax.set_xlabel("sqrt(in_features * out_features)")
-    ax.set_ylabel("rows of float32 activations")
-    ax.set_title("CPU: largest batch where the packed kernel beats the reference")
+    ax.set_ylabel("rows")
+    capability = report.get("machine", {}).get("cpu_capability", "")
+    ax.set_title(f"CPU ({capability}): largest batch where the packed kernel beats the other path")
     ax.legend(fontsize=8)
     return _save(fig, path)
 

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .nn import QModuleMixin, quantize_module
+from .nn import QModuleMixin, qmodule_class, quantize_module
 from .qtypes import QType
 
 __all__ = ["freeze", "quantization_map", "quantize", "requantize"]
@@ -59,7 +59,17 @@ def quantize(
 
     Returns:
         ``model``, for chaining.
+
+    Raises:
+        ValueError: ``model`` itself is a supported module (a bare ``nn.Linear``, say), which cannot be replaced in
+            place: quantize ``quantize_module(model, ...)`` instead, or a container holding it.
     """
+    if qmodule_class(model) is not None:
+        raise ValueError(
+            f"quantize() replaces the submodules of the model in place, and the model itself is a "
+            f"{type(model).__name__}: use quantize_module(model, weights=..., ...) for a single module, or pass a "
+            "container holding it (e.g. nn.Sequential(model))"
+        )
     include, exclude = _as_patterns(include, "include"), _as_patterns(exclude, "exclude")
     if weights is None and activations is None:
         raise ValueError("quantize needs weights and/or activations, got neither")
@@ -116,7 +126,7 @@ def requantize(
         qmodule.freeze()
         _set_submodule(model, name, qmodule)
     check_state_dict(model, state_dict)
-    model.load_state_dict(state_dict, strict=True, assign=True)
+    model.load_state_dict(state_dict, strict=True, assign=True)  # QModuleMixin aligns what it was assigned
     if device is not None:
         model.to(device)
     return model

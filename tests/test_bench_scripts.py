@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -104,3 +105,21 @@ def test_kernels_peak_bandwidth_override():
     assert bench.peak_bandwidth_gbps(torch.device("cpu"), 100.0) == 100.0
     assert bench.peak_bandwidth_gbps(torch.device("cpu"), None) is None
     assert bench.device_label(torch.device("cpu")) == "cpu"
+
+
+def test_cpu_contracts(tmp_path):
+    # In its own process: the probe forks one child per case, which needs a parent that has run no parallel region.
+    script = BENCH / "cpu_contracts.py"
+    subprocess.run([sys.executable, str(script), "--quick", "--output-dir", str(tmp_path)], check=True, timeout=300)
+    capability = torch.backends.cpu.get_cpu_capability()
+    report = json.loads((tmp_path / f"cpu_contracts-{capability.lower()}.json").read_text())
+    assert report["machine"]["cpu_capability"] == capability
+    results = {(r["op"], r["result"]) for r in report["cases"]}
+    assert {op for op, _ in results} == {"int8pack", "int4pack", "int_mm"}
+    assert {result for _, result in results} <= {"ok", "wrong", "error", "crash"}
+    # Inside the contract of ops/cpu.py, every probed case is correct on this machine.
+    inside = [
+        r for r in report["cases"]
+        if r["op"] == "int8pack" and r["dtype"] == "bfloat16" and r["k"] % 16 == 0 and not r["x_offset"] + r["w_offset"]
+    ]  # fmt: skip
+    assert inside and all(r["result"] == "ok" for r in inside)

@@ -149,6 +149,7 @@ class QuantoDiffusersQuantizer(DiffusersQuantizer):
 
     def _process_model_after_weight_loading(self, model, **kwargs: Any):
         loading.reset_requires_grad(model)
+        loading.align_storage(model)
         if not self.pre_quantized:
             loading.init_unloaded_activation_scales(model)
         return model

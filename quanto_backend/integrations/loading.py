@@ -17,6 +17,7 @@ from ..nn import QModuleMixin, quantize_module
 from .config import QuantoConfig
 
 __all__ = [
+    "align_storage",
     "QUANT_BUFFERS",
     "create_quantized_param",
     "dequantize_model",
@@ -182,6 +183,14 @@ def prune_activation_scales(model: nn.Module, checkpoint_keys: Iterable[str], pr
                 delattr(module, buffer)
                 removed.append(full)
     return removed
+
+
+def align_storage(model: nn.Module) -> None:
+    """Give every frozen quantized module storage that meets the CPU kernels' contracts (see
+    :meth:`~quanto_backend.QModuleMixin.align_storage`): the loaders assign the checkpoint's own tensors."""
+    for module in model.modules():
+        if isinstance(module, QModuleMixin):
+            module.align_storage()
 
 
 def reset_requires_grad(model: nn.Module) -> None:

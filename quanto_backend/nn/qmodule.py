@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..ops import aligned
 from ..qtypes import QType, as_qtype, quint8
 from ..tensor import (
     ACTIVATION_QTYPES,
@@ -189,6 +190,24 @@ class QModuleMixin:
         self.weight_scale = nn.Parameter(qweight.scale, requires_grad=False)
         if isinstance(qweight, (GroupedQWeight, PerAxisAffineQWeight)):
             self.weight_shift = nn.Parameter(qweight.shift, requires_grad=False)
+
+    def align_storage(self) -> None:
+        """Make the frozen storage contiguous and aligned as the CPU kernels' contracts require, copying only what
+        is not (a checkpoint's tensors are views into one buffer, 4- or 8-byte aligned): done once, at load, so
+        that no call falls back to the reference for it."""
+        if not self.frozen:
+            return
+        for name in ("weight", "weight_scale", "weight_shift"):
+            param = self._parameters.get(name)
+            if param is None:
+                continue
+            storage = aligned(param.detach())
+            if storage.data_ptr() != param.data_ptr():
+                self._parameters[name] = nn.Parameter(storage, requires_grad=False)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self.align_storage()  # with assign=True the module now holds the checkpoint's own tensors
 
     def _train_weight(self) -> torch.Tensor:
         """The float weight, fake-quantized with a straight-through gradient (quantization-aware training)."""

@@ -1,6 +1,7 @@
 """The operator seam: ``torch.ops.quanto_backend.*`` custom ops (see :mod:`.library`)."""
 
 from . import cpu, cuda  # noqa: F401  (register the CPU and CUDA kernels of the ops)
+from .cpu import aligned
 from .library import (
     dequantize_affine,
     dequantize_asymmetric,
@@ -19,6 +20,7 @@ from .library import (
 )
 
 __all__ = [
+    "aligned",
     "dequantize_affine",
     "dequantize_asymmetric",
     "dequantize_symmetric",

@@ -35,55 +35,154 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from . import library, reference
 
-__all__ = ["INT4_GROUP_SIZES", "clear_cache", "kernel_max_rows"]
+__all__ = ["INT4_GROUP_SIZES", "INT4PACK", "INT8PACK", "KernelContract", "aligned", "clear_cache", "kernel_max_rows"]
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts
-# _weight_int8pack_mm returns wrong values (M == 1) or crashes (M > 1) when in_features is not a multiple of 8.
-_INT8_IN_MULTIPLE = 8
-_INT4_OUT_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu needs out_features % 16 == 0
 _CAST_DTYPES = (torch.float32, torch.float16)
 _INT2_CODE_OFFSET = 6  # 2-bit codes 0..3 become 4-bit codes 6..9 (see _int4_weight)
+# What PyTorch's CPU allocator gives every fresh tensor; storage loaded from a checkpoint (safetensors gives 4- or
+# 8-byte aligned views into one buffer) is copied to it once, at load (see QModuleMixin.align_storage).
+ALIGNMENT = 64
 
 
-def kernel_max_rows(out_features: int, in_features: int, bits: int) -> int:
-    """Rows of float32/float16 activations up to which the kernel for a ``bits``-wide weight beats the reference.
+@functools.cache
+def cpu_capability() -> str:
+    """``torch.backends.cpu.get_cpu_capability()``: the instruction set PyTorch's CPU kernels were dispatched to."""
+    return torch.backends.cpu.get_cpu_capability()
 
-    The reference dequantizes the whole weight at every call, then runs a float matmul that is faster per row than
-    the kernels: its fixed cost is amortized over the rows. The crossovers measured by ``bench/cpu_dispatch.py`` (2
-    AVX2 cores, weights from 384x384 to 4096x14336, several runs) grow with the weight's size: from 8-32 rows
-    (384x384) to 128-256 (4096x14336) for int8, from 64-128 to 128-256 for 4-bit (whose reference also unpacks the
-    codes). The bound follows the square root of the size, on the low side of those ranges.
+
+@dataclass(frozen=True)
+class KernelContract:
+    """The inputs on which a private PyTorch CPU kernel was measured correct, checked before every call.
+
+    Read off ``bench/cpu_contracts.py`` (crash-contained probes of shapes, dtypes and storage offsets; results in
+    ``bench/results/cpu_contracts-<capability>.json``) and off the kernels' sources. Outside the contract, and on
+    any CPU capability it was not measured on, the reference runs.
     """
-    root = math.isqrt(out_features * in_features)
-    return max(1, min(128, root // (32 if bits == 8 else 16)))
+
+    capabilities: frozenset[str]  # torch.backends.cpu.get_cpu_capability() values it was measured on
+    in_multiple: int  # in_features must be a multiple of this
+    out_multiple: int  # out_features must be a multiple of this
+    alignment: int  # bytes, of the data pointers of the activations and of the weight
+
+    def holds(self) -> bool:
+        return cpu_capability() in self.capabilities
+
+    def admits_weight(self, weight: torch.Tensor) -> bool:
+        return (
+            self.holds()
+            and weight.dim() == 2
+            and weight.shape[1] % self.in_multiple == 0
+            and weight.shape[0] % self.out_multiple == 0
+            and weight.is_contiguous()
+            and weight.data_ptr() % self.alignment == 0
+        )
+
+
+# torch._weight_int8pack_mm, bfloat16 activations (its float32/float16 paths are scalar loops, 10-20x slower):
+# * AVX512: aligned 32-byte loads of 16 activations and 16-byte loads of 16 weights, no tail. Measured on torch
+#   2.13: in_features % 16 != 0 crashes (M >= 2) or returns NaN/Inf/1e30 (M = 1); activations off 32-byte
+#   alignment crash; weights off 16-byte alignment crash from 4 rows on.
+# * AVX2: aligned 16-byte loads of 8 activations, unaligned weight loads; in_features % 8 != 0 crashes or returns
+#   garbage (measured on Zen 3 in earlier sessions).
+# One contract covers both, with a margin: multiples of 16, 64-byte alignment.
+INT8PACK = KernelContract(frozenset({"AVX2", "AVX512"}), in_multiple=16, out_multiple=1, alignment=ALIGNMENT)
+# torch._weight_int4pack_mm_for_cpu with the weight converted by _convert_weight_to_int4pack_for_cpu (which needs
+# out_features % 16 == 0): unaligned loads only; measured correct at every activation offset on AVX512. The
+# converted weight is ours (always aligned); the activations are held to the same alignment as INT8PACK's.
+INT4PACK = KernelContract(frozenset({"AVX2", "AVX512"}), in_multiple=1, out_multiple=16, alignment=ALIGNMENT)
+
+
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself if it is contiguous and :data:`ALIGNMENT`-aligned (or not on CPU), else an aligned copy."""
+    if t.device.type != "cpu" or (t.is_contiguous() and t.data_ptr() % ALIGNMENT == 0):
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+@dataclass(frozen=True)
+class RowBound:
+    """Rows up to which a packed kernel beats the dequantizing path for a layer: ``sqrt(out * in) / divisor``,
+    clamped to ``[1, cap]`` (the dequantizing path's cost is per weight, the kernel's per row and weight)."""
+
+    divisor: int
+    cap: int
+
+    def __call__(self, out_features: int, in_features: int) -> int:
+        return max(1, min(self.cap, math.isqrt(out_features * in_features) // self.divisor))
+
+
+# Fitted per CPU capability to the crossovers bench/cpu_dispatch.py measures (bench/results/cpu_dispatch-*.json),
+# on the low side of several runs; keyed by (weight bits, activation dtype). A capability that is not here never
+# reaches a kernel (its contracts do not hold).
+_ROW_BOUNDS: dict[str, dict[tuple[int, torch.dtype], RowBound]] = {
+    # 2 Zen 3 cores (earlier sessions), against the reference: bfloat16 took the kernel at every row count.
+    "AVX2": {
+        (8, torch.float32): RowBound(32, 128),
+        (4, torch.float32): RowBound(16, 128),
+        (8, torch.bfloat16): RowBound(1, 1 << 20),
+        (4, torch.bfloat16): RowBound(1, 1 << 20),
+    },
+    "AVX512": {
+        (8, torch.float32): RowBound(32, 128),
+        (4, torch.float32): RowBound(16, 128),
+        (8, torch.bfloat16): RowBound(1, 1 << 20),
+        (4, torch.bfloat16): RowBound(1, 1 << 20),
+    },
+}
+
+
+# int8 x int8: rows up to which _weight_int8pack_mm (bfloat16-rounded output) beats torch._int_mm (exact); beyond,
+# and on any other capability, _int_mm, whose CPU path bench/cpu_contracts.py found exact at every shape and storage
+# offset probed.
+A8W8_INT8PACK_MAX_ROWS: dict[str, int] = {"AVX2": 4, "AVX512": 4}
+
+
+def kernel_max_rows(out_features: int, in_features: int, bits: int, dtype: torch.dtype = torch.float32) -> int:
+    """Rows of ``dtype`` activations up to which the packed kernel for a ``bits``-wide weight (8, or 4 for the 2-
+    and 4-bit formats) beats the dequantizing path on this CPU; 0 where no kernel is measured."""
+    table = _ROW_BOUNDS.get(cpu_capability(), {})
+    bound = table.get((8 if bits == 8 else 4, torch.float32 if dtype == torch.float16 else dtype))
+    return 0 if bound is None else bound(out_features, in_features)
+
+
+def _rows(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
 
 
 def _kernel_input(x: torch.Tensor, max_rows: int) -> torch.Tensor | None:
-    """``x`` as the contiguous 2-D bfloat16 matrix the kernels take, or ``None`` where the reference is better.
-
-    ``max_rows`` bounds the rows of float32/float16 activations (rounded to bfloat16).
-    """
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if rows == 0:
+    """``x`` as the contiguous, aligned 2-D bfloat16 matrix the kernels take (float32/float16 rounded to it), or
+    ``None`` beyond ``max_rows`` rows, where the dequantizing path is faster."""
+    rows = _rows(x)
+    if rows == 0 or rows > max_rows or x.dtype not in (torch.bfloat16, *_CAST_DTYPES):
         return None
     if x.dtype == torch.bfloat16:
-        return x.reshape(rows, x.shape[-1]).contiguous()
-    if x.dtype in _CAST_DTYPES and rows <= max_rows:
-        return x.reshape(rows, x.shape[-1]).to(torch.bfloat16).contiguous()
-    return None
+        return aligned(x.reshape(rows, x.shape[-1]))
+    return x.reshape(rows, x.shape[-1]).to(torch.bfloat16, memory_format=torch.contiguous_format)
+
+
+# The dequantizing path converts this many bytes of weights at a time (a few hundred output channels of a large
+# layer), into one reused buffer that stays in the L2 cache: the float weight never goes to memory and costs no
+# page faults, which a whole dequantized weight does at every call.
+_BLOCK_BYTES = 1 << 20
+
+
+def _blockwise_linear(x2d: torch.Tensor, out_features: int, dequantize_into, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x2d, W, bias)`` in ``x2d``'s dtype, with ``W`` dequantized block by block of output channels by
+    ``dequantize_into(start, stop, buffer)`` (which fills and returns ``buffer``, ``[stop - start, in]``)."""
+    rows, in_features = x2d.shape
+    block = min(out_features, max(16, _BLOCK_BYTES // (in_features * x2d.dtype.itemsize)))
+    out = torch.empty(rows, out_features, dtype=x2d.dtype)
+    buffer = torch.empty(block, in_features, dtype=x2d.dtype)
+    for start in range(0, out_features, block):
+        stop = min(start + block, out_features)
+        block_bias = None if bias is None else bias[start:stop].to(x2d.dtype)
+        out[:, start:stop] = F.linear(x2d, dequantize_into(start, stop, buffer[: stop - start]), block_bias)
+    return out
 
 
 def _per_row_scale(weight_scale: torch.Tensor, out_features: int) -> bool:
     return weight_scale.numel() == out_features and weight_scale.is_floating_point()
-
-
-def _int8pack_ok(weight: torch.Tensor, weight_scale: torch.Tensor) -> bool:
-    return (
-        weight.dtype == torch.int8
-        and weight.dim() == 2
-        and weight.shape[1] % _INT8_IN_MULTIPLE == 0
-        and _per_row_scale(weight_scale, weight.shape[0])
-    )
 
 
 @functools.cache
@@ -97,22 +196,40 @@ def _with_bias(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return out if bias is None else out + bias.to(out.dtype)
 
 
+def _int8_weight(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> bool:
+    """A 2-D int8 weight with one scale per output channel, and activations of its width."""
+    return (
+        weight.dtype == torch.int8
+        and weight.dim() == 2
+        and x.dim() >= 1
+        and x.shape[-1] == weight.shape[1]  # the kernel does not check: a shorter row would be read past its end
+        and _per_row_scale(weight_scale, weight.shape[0])
+    )
+
+
 @torch.library.register_kernel(library.linear_w8, "cpu")
 def _linear_w8(
     x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    ok = _int8pack_ok(weight, weight_scale)
-    x2d = _kernel_input(x, kernel_max_rows(*weight.shape, 8)) if ok else None
-    if x2d is None:
+    if not _int8_weight(x, weight, weight_scale) or x.dtype not in (torch.bfloat16, *_CAST_DTYPES) or not _rows(x):
         return reference.linear_w8(x, weight, weight_scale, bias)
+    out_features = weight.shape[0]
     scale = weight_scale.reshape(-1)
+    max_rows = kernel_max_rows(*weight.shape, 8, x.dtype) if INT8PACK.admits_weight(weight) else 0
+    x2d = _kernel_input(x, max_rows)
+    if x2d is None:
+        # Dequantized exactly as the reference does it (codes times scale, rounded to the activation dtype).
+        column = scale.reshape(-1, 1)
+        x2d = x.reshape(_rows(x), x.shape[-1])
+        out = _blockwise_linear(x2d, out_features, lambda a, b, buf: buf.copy_(weight[a:b]).mul_(column[a:b]), bias)
+        return out.view(*x.shape[:-1], out_features)
     if scale.dtype == torch.bfloat16:
-        out = torch._weight_int8pack_mm(x2d, weight.contiguous(), scale)
+        out = torch._weight_int8pack_mm(x2d, weight, scale)
     else:
         # A float32/float16 scale applied after the kernel (bfloat16 x float32 promotes to float32) is not rounded
         # to bfloat16.
-        out = torch._weight_int8pack_mm(x2d, weight.contiguous(), _ones(weight.shape[0])) * scale.float()
-    return _with_bias(out.to(x.dtype).view(*x.shape[:-1], weight.shape[0]), bias)
+        out = torch._weight_int8pack_mm(x2d, weight, _ones(out_features)) * scale.float()
+    return _with_bias(out.to(x.dtype).view(*x.shape[:-1], out_features), bias)
 
 
 @torch.library.register_kernel(library.linear_a8w8, "cpu")
@@ -124,14 +241,19 @@ def _linear_a8w8(
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    if x_q.dtype != torch.int8 or not _int8pack_ok(weight, weight_scale):
+    rows = _rows(x_q)
+    if x_q.dtype != torch.int8 or not _int8_weight(x_q, weight, weight_scale) or rows == 0:
         return reference.linear_a8w8(x_q, x_scale, weight, weight_scale, bias, out_dtype)
-    rows = x_q.numel() // x_q.shape[-1] if x_q.shape[-1] else 0
-    if rows == 0:
-        return reference.linear_a8w8(x_q, x_scale, weight, weight_scale, bias, out_dtype)
-    x2d = x_q.reshape(rows, x_q.shape[-1]).to(torch.bfloat16)  # |codes| <= 128: exact in bfloat16
-    acc = torch._weight_int8pack_mm(x2d, weight.contiguous(), _ones(weight.shape[0]))
-    out = acc.view(*x_q.shape[:-1], weight.shape[0]).float() * x_scale.float() * weight_scale.float().reshape(-1)
+    x2d = x_q.reshape(rows, x_q.shape[-1])
+    if rows > A8W8_INT8PACK_MAX_ROWS.get(cpu_capability(), 0) or not INT8PACK.admits_weight(weight):
+        # Exact int32 sums (what the float64 reference computes), on oneDNN's VNNI/AMX int8 GEMM.
+        acc = torch._int_mm(x2d, weight.t()).float()
+    else:
+        # |codes| <= 128: exact in bfloat16 (a fresh tensor, so contiguous and aligned); the kernel sums in float32
+        # and rounds its output to bfloat16.
+        x2d = x2d.to(torch.bfloat16, memory_format=torch.contiguous_format)
+        acc = torch._weight_int8pack_mm(x2d, weight, _ones(weight.shape[0])).float()
+    out = acc.view(*x_q.shape[:-1], weight.shape[0]) * x_scale.float() * weight_scale.float().reshape(-1)
     return _with_bias(out.to(out_dtype), bias)
 
 
@@ -209,15 +331,36 @@ def _linear_affine(
     ok = (
         bits in (2, 4)
         and weight.dim() == 2
-        and out_features % _INT4_OUT_MULTIPLE == 0
+        and INT4PACK.holds()
+        and out_features % INT4PACK.out_multiple == 0
         and group_size in INT4_GROUP_SIZES
         and group_size * n_groups == padded_in
         and weight_scale.shape == weight_shift.shape == (out_features, n_groups)
         and x.shape[-1] <= padded_in
     )
-    x2d = _kernel_input(x, kernel_max_rows(out_features, padded_in, bits)) if ok else None
+    x2d = _kernel_input(x, kernel_max_rows(out_features, padded_in, bits, x.dtype)) if ok else None
     if x2d is None:
-        return reference.linear_affine(x, weight, weight_scale, weight_shift, bits, bias)
+        dense = (
+            bits in (2, 4)
+            and weight.dim() == 2
+            and weight_scale.shape == weight_shift.shape == (out_features, n_groups)
+            and group_size * n_groups == padded_in
+            and x.dim() >= 1
+            and 0 < x.shape[-1] <= padded_in
+            and _rows(x) > 0
+            and x.dtype in (torch.bfloat16, *_CAST_DTYPES)
+        )
+        if not dense:
+            return reference.linear_affine(x, weight, weight_scale, weight_shift, bits, bias)
+
+        def dequantize_into(start: int, stop: int, buffer: torch.Tensor) -> torch.Tensor:
+            rows = reference.dequantize_affine(
+                weight[start:stop], weight_scale[start:stop], weight_shift[start:stop], bits
+            )
+            return buffer.copy_(rows[:, : x.shape[-1]])  # the reference's own dequantization, rounded alike
+
+        out = _blockwise_linear(x.reshape(_rows(x), x.shape[-1]), out_features, dequantize_into, bias)
+        return out.view(*x.shape[:-1], out_features)
     converted = _int4_weight(weight, weight_scale, weight_shift, bits)
     if x2d.shape[1] < padded_in:
         x2d = F.pad(x2d, (0, padded_in - x2d.shape[1]))  # zero inputs meet the padding codes

@@ -1,0 +1,111 @@
+"""The contracts of the CPU kernels: loaded storage is made to meet them once, and outside them the reference runs.
+
+A crash here (a SIGSEGV in ``torch._weight_int8pack_mm``) is what these tests guard against on AVX-512 CPUs:
+misaligned int8 storage from ``safetensors``, and in_features that are not a multiple of 16.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from quanto_backend import Calibration, freeze, ops, quantization_map, quantize, requantize
+from quanto_backend.nn import quantize_module
+from quanto_backend.ops import cpu, reference
+
+
+def _misaligned(state: dict[str, torch.Tensor]) -> bool:
+    return any(t.data_ptr() % cpu.ALIGNMENT for t in state.values() if t.dtype == torch.int8)
+
+
+def _w8a8(in_features: int = 256) -> nn.Sequential:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(in_features, 64), nn.ReLU(), nn.Linear(64, 32))
+    quantize(model, weights="int8", activations="int8")
+    with torch.no_grad(), Calibration():
+        model(torch.randn(16, in_features))
+    return freeze(model)
+
+
+def test_safetensors_reload_of_w8a8_is_aligned_once_and_takes_the_kernel(tmp_path, monkeypatch):
+    model = _w8a8()
+    path = tmp_path / "model.safetensors"
+    save_file(model.state_dict(), path)
+    loaded = load_file(path)
+    # safetensors hands out views into one buffer; an odd-sized tensor before the int8 one shifts it off alignment.
+    loaded = {"0.aaa_odd": torch.zeros(3, dtype=torch.int8), **loaded}
+    save_file(loaded, path)
+    loaded = load_file(path)
+    del loaded["0.aaa_odd"]
+    assert _misaligned(loaded)
+    with torch.device("meta"):
+        skeleton = nn.Sequential(nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 32))
+    reloaded = requantize(skeleton, loaded, json.loads(json.dumps(quantization_map(model))))
+    assert all(reloaded[i].weight.data_ptr() % cpu.ALIGNMENT == 0 for i in (0, 2))
+
+    rows = max(1, cpu.A8W8_INT8PACK_MAX_ROWS.get(cpu.cpu_capability(), 1))  # within the int8pack kernel's rows
+    x = torch.randn(rows, 256)
+    with torch.no_grad():
+        expected = model(x).dequantize()
+    calls = []
+    kernel = torch._weight_int8pack_mm
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda *a: calls.append(1) or kernel(*a))
+    with torch.no_grad():
+        assert torch.equal(reloaded(x).dequantize(), expected)
+    assert len(calls) == (2 if cpu.INT8PACK.holds() and cpu.A8W8_INT8PACK_MAX_ROWS.get(cpu.cpu_capability()) else 0)
+
+
+def test_load_state_dict_with_assign_aligns_the_assigned_storage():
+    model = _w8a8()
+    state = model.state_dict()
+    buffer = torch.empty(state["0.weight"].numel() + 4, dtype=torch.int8)
+    misaligned = buffer[4:].view_as(state["0.weight"])
+    misaligned.copy_(state["0.weight"])
+    target = _w8a8()
+    target.load_state_dict({**state, "0.weight": misaligned}, assign=True)
+    assert target[0].weight.data_ptr() % cpu.ALIGNMENT == 0
+    assert torch.equal(target[0].weight, state["0.weight"])
+
+
+@pytest.mark.parametrize("in_features", [40, 264, 1000])
+@pytest.mark.parametrize("rows", [1, 2, 7])
+def test_in_features_outside_the_contract_take_the_reference(in_features, rows):
+    q, scale = ops.quantize_per_token(torch.randn(24, in_features), torch.int8)
+    x = torch.randn(rows, in_features, dtype=torch.bfloat16)
+    out = ops.linear_w8(x, q, scale.to(torch.bfloat16), None)
+    assert torch.equal(out, reference.linear_w8(x, q, scale.to(torch.bfloat16), None))
+
+
+def test_a_misaligned_weight_given_directly_is_not_trusted(monkeypatch):
+    q, scale = ops.quantize_per_token(torch.randn(32, 64), torch.int8)
+    buffer = torch.empty(q.numel() + 8, dtype=torch.int8)
+    weight = buffer[8:].view_as(q)
+    weight.copy_(q)
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda *a: pytest.fail("kernel called on misaligned storage"))
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+    assert torch.equal(ops.linear_w8(x, weight, scale, None), reference.linear_w8(x, weight, scale, None))
+
+
+def test_an_unmeasured_cpu_capability_takes_the_reference(monkeypatch):
+    monkeypatch.setattr(cpu, "cpu_capability", lambda: "DEFAULT")
+    for name in ("_weight_int8pack_mm", "_weight_int4pack_mm_for_cpu"):
+        monkeypatch.setattr(torch, name, lambda *a, _n=name: pytest.fail(f"{_n} called on an unmeasured CPU"))
+    model = nn.Sequential(nn.Linear(256, 64), nn.Linear(64, 32))
+    quantize(model[0:1], weights="int8")
+    quantize(model[1:2], weights="int4", group_size=32)
+    freeze(model)
+    with torch.no_grad():
+        out = model(torch.randn(3, 256, dtype=torch.float32))
+    assert torch.isfinite(out).all()
+
+
+def test_quantize_refuses_a_bare_supported_module_instead_of_ignoring_it():
+    linear = nn.Linear(64, 32)
+    with pytest.raises(ValueError, match="quantize_module"):
+        quantize(linear, weights="int8")
+    qlinear = quantize_module(linear, weights="int8")  # what the message points to
+    assert qlinear.weight_qtype.name == "qint8"
