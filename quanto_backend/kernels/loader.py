@@ -14,11 +14,14 @@ a device's context and needs one.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import functools
 import hashlib
 import importlib.resources
 import json
 import os
+import re
 import struct
 import tempfile
 import threading
@@ -37,6 +40,7 @@ __all__ = [
     "U2_CODE",
     "U4_CODE",
     "cache_dir",
+    "check_cubin",
     "compile_source",
     "device_arch",
     "get_function",
@@ -48,7 +52,10 @@ __all__ = [
 
 # No CUDA header is included by the sources (see cuda_kernels/common.cuh), so no include path is needed.
 COMPILE_OPTIONS: tuple[str, ...] = ("-std=c++17",)
-_CACHE_FORMAT = b"QBK1"
+# QBK1 entries were written by a version that stored CuPy's getCUBIN, one byte short of the real cubin; the new
+# tag changes every cache key (so those files are never looked up again) and their header (so one found under a
+# new name is rejected).
+_CACHE_FORMAT = b"QBK2"
 
 # The DType enum of cuda_kernels/common.cuh.
 DTYPE_CODES: dict[torch.dtype, int] = {
@@ -189,12 +196,65 @@ def compile_source(
             log = nvrtc.getProgramLog(program)
             raise KernelUnavailableError(f"NVRTC failed to compile {name} for sm_{arch}:\n{log}") from e
         lowered = {expr: nvrtc.getLoweredName(program, expr) for expr in ENTRY_POINTS[name]}
-        image = nvrtc.getCUBIN(program) if is_cubin else nvrtc.getPTX(program)
+        image = _cubin(program) if is_cubin else nvrtc.getPTX(program)
     finally:
         nvrtc.destroyProgram(program)
-    if not is_cubin and not image.endswith(b"\0"):
+    if is_cubin:
+        check_cubin(image, name)
+    elif not image.endswith(b"\0"):
         image += b"\0"  # cuModuleLoadData reads PTX as a C string
     return CompiledModule(image, is_cubin, lowered)
+
+
+@functools.lru_cache(maxsize=1)
+def _libnvrtc() -> ctypes.CDLL:
+    """The libnvrtc that CuPy's binding loaded (the program handles it creates belong to that library)."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = re.findall(r"\S*/libnvrtc\.so[.\d]*$", f.read(), flags=re.MULTILINE)
+    except OSError:
+        paths = []
+    name = paths[0] if paths else ctypes.util.find_library("nvrtc")
+    if name is None:
+        raise KernelUnavailableError("libnvrtc is loaded by CuPy but could not be found by name")
+    return ctypes.CDLL(name)
+
+
+def _cubin(program: int) -> bytes:
+    """The whole cubin of a compiled program, ``nvrtcGetCUBINSize`` bytes long.
+
+    CuPy's ``getCUBIN`` drops the last byte (it strips a C string's terminator, which a cubin does not have), and
+    the driver and cuobjdump reject the truncated ELF, so the two NVRTC calls are made here.
+    """
+    lib = _libnvrtc()
+    size = ctypes.c_size_t()
+    status = lib.nvrtcGetCUBINSize(ctypes.c_void_p(program), ctypes.byref(size))
+    if status != 0:
+        raise KernelUnavailableError(f"nvrtcGetCUBINSize failed with NVRTC status {status}")
+    buffer = ctypes.create_string_buffer(size.value)
+    status = lib.nvrtcGetCUBIN(ctypes.c_void_p(program), buffer)
+    if status != 0:
+        raise KernelUnavailableError(f"nvrtcGetCUBIN failed with NVRTC status {status}")
+    return buffer.raw
+
+
+def check_cubin(image: bytes, name: str = "cubin") -> None:
+    """Raises :class:`KernelUnavailableError` unless ``image`` is a whole 64-bit ELF: its header, program headers,
+    section headers and section contents all lie inside it (a truncated cubin fails here, not in the driver)."""
+    try:
+        if image[:5] != b"\x7fELF\x02":
+            raise ValueError("no 64-bit ELF magic")
+        phoff, shoff = struct.unpack_from("<QQ", image, 0x20)
+        phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", image, 0x36)
+        end = max(0x40, phoff + phentsize * phnum, shoff + shentsize * shnum)
+        for i in range(shnum):
+            kind, _, _, offset, size = struct.unpack_from("<IIQQQQ", image, shoff + i * shentsize)[1:6]
+            if kind != 8:  # SHT_NOBITS occupies no bytes of the file
+                end = max(end, offset + size)
+    except (ValueError, struct.error) as e:
+        raise KernelUnavailableError(f"{name}: the compiled cubin is not a valid ELF image ({e})") from e
+    if end > len(image):
+        raise KernelUnavailableError(f"{name}: the compiled cubin is truncated ({len(image)} bytes, its ELF needs {end})")
 
 
 def cache_dir() -> Path:
@@ -222,8 +282,11 @@ def _read_cache(path: Path) -> CompiledModule | None:
             return None
         (meta_len,) = struct.unpack("<I", data[4:8])
         meta = json.loads(data[8 : 8 + meta_len])
-        return CompiledModule(data[8 + meta_len :], bool(meta["is_cubin"]), dict(meta["lowered_names"]))
-    except (OSError, ValueError, KeyError, struct.error):
+        module = CompiledModule(data[8 + meta_len :], bool(meta["is_cubin"]), dict(meta["lowered_names"]))
+        if module.is_cubin:
+            check_cubin(module.image, path.name)
+        return module
+    except (OSError, ValueError, KeyError, struct.error, KernelUnavailableError):
         return None
 
 
