@@ -4,6 +4,7 @@ Importing this package needs neither CuPy nor a GPU; they are looked for when a 
 launched, and :class:`KernelUnavailableError` names what is missing.
 """
 
+from . import driver
 from .launch import Int64, launch
 from .loader import (
     DTYPE_CODES,
@@ -20,6 +21,7 @@ __all__ = [
     "Int64",
     "KernelUnavailableError",
     "compile_source",
+    "driver",
     "kernels_unavailable_reason",
     "launch",
     "matmul_entry_point",

@@ -12,7 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
-from .loader import get_function
+from . import driver as _driver
+from .loader import device_context, device_index, get_function, in_device_context
 
 __all__ = ["Int64", "launch"]
 
@@ -54,8 +55,6 @@ def launch(
     ``grid`` and ``block`` have 1 to 3 dimensions; ``args`` follow the kernel's parameter list exactly (see
     :func:`_pack` for the accepted Python types).
     """
-    from cupy_backends.cuda.api import driver
-
     function = get_function(source, entry_point, device)
     gx, gy, gz = (*grid, 1, 1)[:3]
     bx, by, bz = (*block, 1, 1)[:3]
@@ -63,11 +62,12 @@ def launch(
         return
     values = [_pack(a) for a in args]
     params = (ctypes.c_void_p * len(values))(*(ctypes.addressof(v) for v in values))
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = device_index(device)
     stream = torch.cuda.current_stream(index).cuda_stream
-    if index == torch.cuda.current_device():
-        driver.launchKernel(function, gx, gy, gz, bx, by, bz, shared_mem, stream, ctypes.addressof(params), 0)
+    drv = _driver.driver
+    if in_device_context(index):
+        drv.launch(function, (gx, gy, gz), (bx, by, bz), shared_mem, stream, params=ctypes.addressof(params))
     else:
-        # The function belongs to its device's context, which must be current when it is launched.
-        with torch.cuda.device(index):
-            driver.launchKernel(function, gx, gy, gz, bx, by, bz, shared_mem, stream, ctypes.addressof(params), 0)
+        # A worker or autograd thread: the function belongs to the device's primary context, made current here.
+        with device_context(index):
+            drv.launch(function, (gx, gy, gz), (bx, by, bz), shared_mem, stream, params=ctypes.addressof(params))

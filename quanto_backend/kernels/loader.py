@@ -43,7 +43,10 @@ __all__ = [
     "check_cubin",
     "compile_source",
     "device_arch",
+    "device_context",
+    "device_index",
     "get_function",
+    "in_device_context",
     "kernels_unavailable_reason",
     "load_compiled",
     "matmul_entry_point",
@@ -306,7 +309,7 @@ def _write_cache(path: Path, module: CompiledModule) -> None:
                 os.unlink(tmp)
 
 
-_lock = threading.Lock()
+_lock = threading.RLock()
 _compiled: dict[tuple[str, int], CompiledModule] = {}
 _functions: dict[tuple[str, str, int], int] = {}
 _loaded: dict[tuple[str, int], tuple[int, CompiledModule]] = {}
@@ -342,35 +345,88 @@ def kernels_unavailable_reason() -> str | None:
         return "no CUDA GPU is available to torch"
     try:
         _nvrtc()
-        from cupy_backends.cuda.api import driver  # noqa: F401
-    except (KernelUnavailableError, ImportError) as e:
+    except KernelUnavailableError as e:
         return str(e)
     return None
+
+
+def device_index(device: torch.device) -> int:
+    """The CUDA device index of ``device`` (torch's current device when it has none)."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+@contextlib.contextmanager
+def device_context(index: int):
+    """For the block: torch's current device is ``index`` and its primary context is current on this thread.
+
+    ``torch.cuda.device`` alone is not enough for the driver API: in a thread that never used CUDA (a worker, an
+    autograd device thread) the runtime's device is already 0, so entering device 0 sets nothing and the thread
+    has no current context. The primary context is pushed when it is not current and popped after, so the
+    thread's own context stack is left as it was.
+    """
+    from . import driver as _driver
+
+    drv = _driver.driver
+    with torch.cuda.device(index):
+        context = drv.primary_context(index)
+        pushed = drv.current_context() != context
+        if pushed:
+            drv.push_context(context)
+        try:
+            yield
+        finally:
+            if pushed:
+                drv.pop_context()
+
+
+def in_device_context(index: int) -> bool:
+    """Whether this thread already runs on device ``index`` with its primary context current (the common case,
+    which then needs no :func:`device_context`)."""
+    from . import driver as _driver
+
+    drv = _driver.driver
+    return torch.cuda.current_device() == index and drv.current_context() == drv.primary_context(index)
+
+
+def _module_handle(name: str, index: int) -> int:
+    """The ``CUmodule`` of ``cuda_kernels/<name>`` on device ``index``, compiled and loaded on first use (the
+    caller holds ``_lock``). A compile or load failure raises :class:`KernelUnavailableError`."""
+    loaded = _loaded.get((name, index))
+    if loaded is None:
+        from . import driver as _driver
+
+        module = load_compiled(name, device_arch(torch.device("cuda", index)))
+        try:
+            with device_context(index):
+                loaded = (_driver.driver.module_load_data(module.image), module)
+        except _driver.DriverError as e:
+            raise KernelUnavailableError(f"loading the {name} kernels on cuda:{index} failed: {e}") from e
+        _loaded[(name, index)] = loaded
+    return loaded[0]
 
 
 def get_function(name: str, entry_point: str, device: torch.device) -> int:
     """The ``CUfunction`` handle of an entry point on ``device``, compiling and loading its module on first use.
 
     The first call for a device should happen outside CUDA-graph capture (loading a module is not a stream
-    operation); later calls only look a dictionary up.
+    operation); later calls only look a dictionary up. Every driver call runs in :func:`device_context`.
     """
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = device_index(device)
     key = (name, entry_point, index)
     handle = _functions.get(key)
     if handle is not None:
         return handle
-    try:
-        from cupy_backends.cuda.api import driver
-    except ImportError as e:
-        raise KernelUnavailableError(f"CuPy is not installed: `pip install 'quanto-backend[cuda]'` ({e})") from e
+    from . import driver as _driver
+
     with _lock:
-        loaded = _loaded.get((name, index))
-        if loaded is None:
-            module = load_compiled(name, device_arch(torch.device("cuda", index)))
-            # cudaSetDevice makes the device's primary context (torch's) current, which the driver calls use.
-            with torch.cuda.device(index):
-                loaded = (driver.moduleLoadData(module.image), module)
-            _loaded[(name, index)] = loaded
-        handle = driver.moduleGetFunction(loaded[0], loaded[1].lowered_names[entry_point])
-        _functions[key] = handle
+        handle = _functions.get(key)
+        if handle is None:
+            module = _module_handle(name, index)
+            lowered = _loaded[(name, index)][1].lowered_names[entry_point]
+            try:
+                with device_context(index):
+                    handle = _driver.driver.module_get_function(module, lowered)
+            except _driver.DriverError as e:
+                raise KernelUnavailableError(f"{entry_point} of {name} on cuda:{index}: {e}") from e
+            _functions[key] = handle
     return handle

@@ -1,0 +1,91 @@
+"""The host side of the CUDA kernels (contexts, module loading, launches), against a fake runtime and driver
+(tests/fake_cuda.py): no GPU is needed, and what the real driver would reject the fake rejects too."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from fake_cuda import FakeCUDA, install, primary
+
+from quanto_backend import kernels
+from quanto_backend.kernels import loader
+
+
+@pytest.fixture
+def fake(monkeypatch) -> FakeCUDA:
+    return install(monkeypatch, FakeCUDA(devices=2))
+
+
+def _launch_pack(index: int) -> None:
+    values = torch.zeros(64, dtype=torch.uint8)
+    packed = torch.zeros(32, dtype=torch.uint8)
+    kernels.launch("quantize.cu", "qb_pack", (1,), (256,), (values, packed, kernels.Int64(32), 4),
+                   torch.device("cuda", index))  # fmt: skip
+
+
+def _in_thread(fn, *args) -> int:
+    errors: list[BaseException] = []
+    ident: list[int] = []
+
+    def run():
+        ident.append(threading.get_ident())
+        try:
+            fn(*args)
+        except BaseException as e:  # re-raised in the test's thread
+            errors.append(e)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
+    return ident[0]
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_worker_thread_loads_and_launches_in_the_primary_context(fake, index):
+    """A thread that never touched CUDA (a data-loader worker, autograd's device thread) has no current context,
+    and entering torch.cuda.device(0) there sets none: every driver call must still run in the device's
+    primary context, with torch's current device set to it."""
+    thread = _in_thread(_launch_pack, index)
+    calls = [c for c in fake.calls if c.thread == thread]
+    assert [c.what.split()[0] for c in calls] == ["module_load_data", "module_get_function", "launch"]
+    for call in calls:
+        assert call.context == primary(index), call
+        assert call.device == index, call
+    assert fake.launches[-1][4] == 0x5000 + index  # on that device's current torch stream
+
+
+def test_thread_context_stack_is_restored(fake):
+    def launch_and_report():
+        _launch_pack(1)
+        # Back on the thread's own device (whose primary context the runtime made current on the way back), and
+        # nothing of ours left on its context stack.
+        assert fake.current_device() == 0 and fake.current_context() == primary(0)
+        assert len(fake._stack()) == 1
+
+    _in_thread(launch_and_report)
+    # The main thread, already on device 0 in its primary context, launches there directly.
+    _launch_pack(0)
+    assert fake.calls[-1].context == primary(0) and fake.current_context() == primary(0)
+    assert fake.current_device() == 0
+
+
+def test_module_is_loaded_once_per_device(fake):
+    _launch_pack(0)
+    _launch_pack(0)
+    _in_thread(_launch_pack, 0)
+    _launch_pack(1)
+    loads = [c for c in fake.calls if c.what == "module_load_data"]
+    assert sorted(c.context for c in loads) == [primary(0), primary(1)]
+
+
+def test_driver_load_failure_is_a_kernel_unavailable_error(fake, monkeypatch):
+    def refuse(image):
+        raise kernels.driver.DriverError("cuModuleLoadData failed: CUDA_ERROR_INVALID_IMAGE (200)")
+
+    monkeypatch.setattr(fake, "module_load_data", refuse)
+    with pytest.raises(kernels.KernelUnavailableError, match=r"quantize\.cu.*cuda:0.*INVALID_IMAGE"):
+        loader.get_function("quantize.cu", "qb_pack", torch.device("cuda", 0))
