@@ -143,6 +143,7 @@ def install(monkeypatch, fake: FakeCUDA) -> FakeCUDA:
     monkeypatch.setattr(driver_module, "driver", fake)
     monkeypatch.setattr(loader, "_functions", {})
     monkeypatch.setattr(loader, "_loaded", {})
+    monkeypatch.setattr(loader, "_failed", {})
 
     def fake_compiled(name: str, arch: int) -> loader.CompiledModule:
         return loader.CompiledModule(f"{name}-sm{arch}".encode(), True, {e: e for e in loader.ENTRY_POINTS[name]})

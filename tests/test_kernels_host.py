@@ -51,7 +51,8 @@ def test_worker_thread_loads_and_launches_in_the_primary_context(fake, index):
     primary context, with torch's current device set to it."""
     thread = _in_thread(_launch_pack, index)
     calls = [c for c in fake.calls if c.thread == thread]
-    assert [c.what.split()[0] for c in calls] == ["module_load_data", "module_get_function", "launch"]
+    assert {c.what.split()[0] for c in calls} == {"module_load_data", "module_get_function", "launch"}
+    assert calls[-1].what == "launch"
     for call in calls:
         assert call.context == primary(index), call
         assert call.device == index, call
@@ -79,7 +80,8 @@ def test_module_is_loaded_once_per_device(fake):
     _in_thread(_launch_pack, 0)
     _launch_pack(1)
     loads = [c for c in fake.calls if c.what == "module_load_data"]
-    assert sorted(c.context for c in loads) == [primary(0), primary(1)]
+    assert sorted(c.context for c in loads) == [primary(0)] * 3 + [primary(1)] * 3  # 3 sources
+    assert sorted(fake.images) == sorted(f"{n}-sm90".encode() for n in loader.ENTRY_POINTS for _ in range(2))
 
 
 def test_driver_load_failure_is_a_kernel_unavailable_error(fake, monkeypatch):
@@ -89,3 +91,51 @@ def test_driver_load_failure_is_a_kernel_unavailable_error(fake, monkeypatch):
     monkeypatch.setattr(fake, "module_load_data", refuse)
     with pytest.raises(kernels.KernelUnavailableError, match=r"quantize\.cu.*cuda:0.*INVALID_IMAGE"):
         loader.get_function("quantize.cu", "qb_pack", torch.device("cuda", 0))
+
+
+def test_first_use_loads_every_module_so_capture_needs_no_load(fake):
+    """Prefill ran only one kernel; the decode graph's capture then needs another family's kernel, which must
+    already be loaded: the first use of any kernel loads every module and looks every entry point up."""
+    _launch_pack(0)
+    assert {c.what for c in fake.calls if c.what.startswith("module_get_function")} == {
+        f"module_get_function {e}" for entries in loader.ENTRY_POINTS.values() for e in entries
+    }
+    before = len(fake.calls)
+    fake.capturing = True
+    source, entry = loader.matmul_entry_point("gemv", 2, 3)
+    kernels.launch(source, entry, (1,), (256,), (None,) * 7 + (1,) * 12, torch.device("cuda", 0))
+    assert [c.what for c in fake.calls[before:]] == ["launch"]
+
+
+def test_capture_before_any_load_is_a_clear_error(fake):
+    fake.capturing = True
+    with pytest.raises(kernels.KernelsNotLoadedError, match=r"not loaded on cuda:1.*capture.*warmup"):
+        _launch_pack(1)
+    with pytest.raises(kernels.KernelsNotLoadedError, match="cuda:0"):
+        kernels.load_modules(torch.device("cuda", 0))
+    assert fake.calls == []  # nothing was attempted inside the capture
+    fake.capturing = False
+    assert kernels.load_modules(torch.device("cuda", 1)) == dict.fromkeys(loader.ENTRY_POINTS)
+    fake.capturing = True
+    _launch_pack(1)
+    assert fake.calls[-1].what == "launch"
+
+
+def test_failed_module_is_not_retried_and_others_still_load(fake, monkeypatch):
+    attempts = []
+    real = loader.load_compiled
+
+    def fail_gemm(name, arch):
+        attempts.append(name)
+        if name == "gemm.cu":
+            raise kernels.KernelUnavailableError("NVRTC failed to compile gemm.cu for sm_90")
+        return real(name, arch)
+
+    monkeypatch.setattr(loader, "load_compiled", fail_gemm)
+    errors = kernels.load_modules(torch.device("cuda", 0))
+    assert errors["quantize.cu"] is None and errors["gemv.cu"] is None
+    assert "gemm.cu for sm_90" in str(errors["gemm.cu"])
+    _launch_pack(0)
+    with pytest.raises(kernels.KernelUnavailableError, match="gemm.cu"):
+        loader.get_function(*loader.matmul_entry_point("gemm", 2, 3), torch.device("cuda", 0))
+    assert attempts.count("gemm.cu") == 1

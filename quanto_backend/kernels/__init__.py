@@ -9,9 +9,11 @@ from .launch import Int64, launch
 from .loader import (
     DTYPE_CODES,
     ENTRY_POINTS,
+    KernelsNotLoadedError,
     KernelUnavailableError,
     compile_source,
     kernels_unavailable_reason,
+    load_modules,
     matmul_entry_point,
 )
 
@@ -20,9 +22,11 @@ __all__ = [
     "ENTRY_POINTS",
     "Int64",
     "KernelUnavailableError",
+    "KernelsNotLoadedError",
     "compile_source",
     "driver",
     "kernels_unavailable_reason",
     "launch",
+    "load_modules",
     "matmul_entry_point",
 ]

@@ -36,6 +36,7 @@ __all__ = [
     "ENTRY_POINTS",
     "CompiledModule",
     "KernelUnavailableError",
+    "KernelsNotLoadedError",
     "MATMUL_FORMATS",
     "U2_CODE",
     "U4_CODE",
@@ -49,6 +50,7 @@ __all__ = [
     "in_device_context",
     "kernels_unavailable_reason",
     "load_compiled",
+    "load_modules",
     "matmul_entry_point",
     "read_sources",
 ]
@@ -313,6 +315,7 @@ _lock = threading.RLock()
 _compiled: dict[tuple[str, int], CompiledModule] = {}
 _functions: dict[tuple[str, str, int], int] = {}
 _loaded: dict[tuple[str, int], tuple[int, CompiledModule]] = {}
+_failed: dict[tuple[str, int], KernelUnavailableError] = {}
 
 
 def load_compiled(name: str, arch: int) -> CompiledModule:
@@ -388,45 +391,84 @@ def in_device_context(index: int) -> bool:
     return torch.cuda.current_device() == index and drv.current_context() == drv.primary_context(index)
 
 
-def _module_handle(name: str, index: int) -> int:
-    """The ``CUmodule`` of ``cuda_kernels/<name>`` on device ``index``, compiled and loaded on first use (the
-    caller holds ``_lock``). A compile or load failure raises :class:`KernelUnavailableError`."""
-    loaded = _loaded.get((name, index))
-    if loaded is None:
-        from . import driver as _driver
+class KernelsNotLoadedError(RuntimeError):
+    """A kernel module was first needed during CUDA-graph capture, where it cannot be loaded."""
 
+
+def _load_module(name: str, index: int) -> None:
+    """Compiles (through the caches) and loads ``cuda_kernels/<name>`` on device ``index`` and looks all its
+    entry points up, so that later uses, captured ones too, only read ``_functions``. The caller holds ``_lock``.
+    A compile or load failure raises :class:`KernelUnavailableError`, and is remembered (not retried)."""
+    from . import driver as _driver
+
+    if (name, index) in _loaded:
+        return
+    failure = _failed.get((name, index))
+    if failure is not None:
+        raise failure
+    try:
         module = load_compiled(name, device_arch(torch.device("cuda", index)))
-        try:
-            with device_context(index):
-                loaded = (_driver.driver.module_load_data(module.image), module)
-        except _driver.DriverError as e:
-            raise KernelUnavailableError(f"loading the {name} kernels on cuda:{index} failed: {e}") from e
-        _loaded[(name, index)] = loaded
-    return loaded[0]
+        with device_context(index):
+            handle = _driver.driver.module_load_data(module.image)
+            functions = {
+                (name, entry, index): _driver.driver.module_get_function(handle, lowered)
+                for entry, lowered in module.lowered_names.items()
+            }
+    except _driver.DriverError as e:
+        _failed[(name, index)] = KernelUnavailableError(f"loading the {name} kernels on cuda:{index} failed: {e}")
+        raise _failed[(name, index)] from e
+    except KernelUnavailableError as e:
+        _failed[(name, index)] = e
+        raise
+    _functions.update(functions)
+    _loaded[(name, index)] = (handle, module)
+
+
+def load_modules(device: torch.device) -> dict[str, KernelUnavailableError | None]:
+    """Compiles and loads every kernel module on ``device`` (all of ``ENTRY_POINTS``), outside any CUDA-graph
+    capture; returns, per source, the error that made it unavailable, or None. Idempotent."""
+    index = device_index(device)
+    if torch.cuda.is_current_stream_capturing():
+        _raise_not_loaded(sorted(n for n in ENTRY_POINTS if (n, index) not in _loaded), index)
+    errors: dict[str, KernelUnavailableError | None] = {}
+    with _lock:
+        for name in ENTRY_POINTS:
+            try:
+                _load_module(name, index)
+                errors[name] = None
+            except KernelUnavailableError as e:
+                errors[name] = e
+    return errors
+
+
+def _raise_not_loaded(names: list[str], index: int) -> None:
+    if names:
+        raise KernelsNotLoadedError(
+            f"the quanto_backend kernels {names} are not loaded on cuda:{index} and a CUDA graph is being captured, "
+            "where a module cannot be loaded: run the model once before capturing, or call "
+            f"quanto_backend.ops.warmup(torch.device('cuda', {index})) first"
+        )
 
 
 def get_function(name: str, entry_point: str, device: torch.device) -> int:
-    """The ``CUfunction`` handle of an entry point on ``device``, compiling and loading its module on first use.
+    """The ``CUfunction`` handle of an entry point on ``device``.
 
-    The first call for a device should happen outside CUDA-graph capture (loading a module is not a stream
-    operation); later calls only look a dictionary up. Every driver call runs in :func:`device_context`.
+    The first use of any kernel on a device loads every module there (:func:`load_modules`), so that a kernel
+    first needed later, during CUDA-graph capture (decode graphs after a prefill that ran only the GEMM), is
+    already loaded; inside a capture a module that is not loaded raises :class:`KernelsNotLoadedError`. Later
+    calls only look a dictionary up. Every driver call runs in :func:`device_context`.
     """
     index = device_index(device)
     key = (name, entry_point, index)
     handle = _functions.get(key)
     if handle is not None:
         return handle
-    from . import driver as _driver
-
-    with _lock:
-        handle = _functions.get(key)
-        if handle is None:
-            module = _module_handle(name, index)
-            lowered = _loaded[(name, index)][1].lowered_names[entry_point]
-            try:
-                with device_context(index):
-                    handle = _driver.driver.module_get_function(module, lowered)
-            except _driver.DriverError as e:
-                raise KernelUnavailableError(f"{entry_point} of {name} on cuda:{index}: {e}") from e
-            _functions[key] = handle
+    if torch.cuda.is_current_stream_capturing():
+        _raise_not_loaded([name], index)
+    errors = load_modules(device)
+    if errors.get(name) is not None:
+        raise errors[name]
+    handle = _functions.get(key)
+    if handle is None:
+        raise KernelUnavailableError(f"{entry_point} is not an entry point of {name}")
     return handle
