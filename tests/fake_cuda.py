@@ -151,3 +151,58 @@ def install(monkeypatch, fake: FakeCUDA) -> FakeCUDA:
     monkeypatch.setattr(loader, "load_compiled", fake_compiled)
     fake.init_main_thread()
     return fake
+
+
+# --- a CPU emulator of the kernels' launches, in terms of the reference -----------------------------------------
+
+
+def _entry_formats(entry_point: str) -> tuple[int, int]:
+    act, weight = entry_point[entry_point.index("<") + 1 : -1].split(",")
+    return int(act), int(weight)
+
+
+def emulate_launch(source: str, entry_point: str, grid, args: tuple, device) -> None:
+    """Does what the kernel ``entry_point`` would, given the argument tuple ops/cuda.py passes to ``_launch``: the
+    reference's result is written into the kernel's output tensor. For host tests of ops/cuda.py on CPU."""
+    from quanto_backend.ops import reference
+
+    def scale_of(x, scale, layout):
+        return scale.reshape(*x.shape[:-1], 1) if layout == 1 else scale.reshape(())
+
+    if entry_point == "qb_pack":
+        values, out, _, bits = args
+        out.copy_(reference.pack(values, bits))
+    elif entry_point == "qb_unpack":
+        packed, out, _, bits = args
+        out.copy_(reference.unpack(packed, bits))
+    elif entry_point == "qb_quantize_symmetric":
+        x, _, scale, _, layout, out, _, _, _ = args
+        out.copy_(reference.quantize_symmetric(x, scale_of(x, scale, layout), out.dtype))
+    elif entry_point == "qb_dequantize_symmetric":
+        q, _, scale, _, layout, out, _, _ = args
+        out.copy_(reference.dequantize_symmetric(q, scale_of(q, scale, layout)))
+    elif entry_point == "qb_quantize_per_token":
+        x, _, out, _, scale, _ = args
+        q, s = reference.quantize_per_token(x, out.dtype)
+        out.copy_(q)
+        scale.copy_(s)
+    elif entry_point == "qb_quantize_affine":
+        w, _, scale, _, shift, _, out, *_, bits = args
+        out.copy_(reference.quantize_affine(w, scale, shift, bits))
+    elif entry_point == "qb_dequantize_affine":
+        packed, scale, _, shift, _, out, *_, bits = args
+        out.copy_(reference.dequantize_affine(packed, scale, shift, bits))
+    elif entry_point.startswith(("qb_gemv<", "qb_gemm<")):
+        x, w, w_scale, w_shift, x_scale, bias, out, m, n, k, _, n_groups, group_size, x_scale_stride = args[:14]
+        act, weight_format = _entry_formats(entry_point)
+        if weight_format in (loader.U4_CODE, loader.U2_CODE):
+            bits = 4 if weight_format == loader.U4_CODE else 2
+            result = reference.linear_affine(x, w, w_scale, w_shift, bits, bias)
+        elif act in (1, 2):  # 16-bit activations: weight-only
+            result = reference.linear_w8(x, w, w_scale.reshape(-1, 1), bias)
+        else:
+            xs = x_scale.reshape(-1, 1) if x_scale_stride == 1 else x_scale.reshape(())
+            result = reference.linear_a8w8(x, xs, w, w_scale.reshape(-1, 1), bias, out.dtype)
+        out.copy_(result)
+    else:
+        raise AssertionError(f"no emulation of {entry_point}")
