@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from . import driver as _driver
+
 __all__ = [
     "COMPILE_OPTIONS",
     "DTYPE_CODES",
@@ -367,8 +369,6 @@ def device_context(index: int):
     has no current context. The primary context is pushed when it is not current and popped after, so the
     thread's own context stack is left as it was.
     """
-    from . import driver as _driver
-
     drv = _driver.driver
     with torch.cuda.device(index):
         context = drv.primary_context(index)
@@ -385,8 +385,6 @@ def device_context(index: int):
 def in_device_context(index: int) -> bool:
     """Whether this thread already runs on device ``index`` with its primary context current (the common case,
     which then needs no :func:`device_context`)."""
-    from . import driver as _driver
-
     drv = _driver.driver
     return torch.cuda.current_device() == index and drv.current_context() == drv.primary_context(index)
 
@@ -399,8 +397,6 @@ def _load_module(name: str, index: int) -> None:
     """Compiles (through the caches) and loads ``cuda_kernels/<name>`` on device ``index`` and looks all its
     entry points up, so that later uses, captured ones too, only read ``_functions``. The caller holds ``_lock``.
     A compile or load failure raises :class:`KernelUnavailableError`, and is remembered (not retried)."""
-    from . import driver as _driver
-
     if (name, index) in _loaded:
         return
     failure = _failed.get((name, index))

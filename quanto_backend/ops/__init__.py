@@ -1,6 +1,7 @@
 """The operator seam: ``torch.ops.quanto_backend.*`` custom ops (see :mod:`.library`)."""
 
 from . import cpu, cuda  # noqa: F401  (register the CPU and CUDA kernels of the ops)
+from .cuda import warmup
 from .library import (
     dequantize_affine,
     dequantize_asymmetric,
@@ -33,4 +34,5 @@ __all__ = [
     "quantize_per_token",
     "quantize_symmetric",
     "unpack",
+    "warmup",
 ]
