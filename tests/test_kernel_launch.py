@@ -107,7 +107,9 @@ def _cubin_params(image: bytes, tmp_path) -> dict[str, tuple[list[tuple[int, int
     kernels_found = {}
     for section in re.split(r"\n(?=\.nv\.info\.)", listing)[1:]:
         name = section.split("\n", 1)[0][len(".nv.info.") :].strip()
-        params = re.findall(r"Ordinal\s*:\s*0x([0-9a-f]+)\s+Offset\s*:\s*0x([0-9a-f]+)\s+Size\s*:\s*0x([0-9a-f]+)", section)
+        params = re.findall(
+            r"Ordinal\s*:\s*0x([0-9a-f]+)\s+Offset\s*:\s*0x([0-9a-f]+)\s+Size\s*:\s*0x([0-9a-f]+)", section
+        )
         bank = re.search(r"EIATTR_CBANK_PARAM_SIZE\s+Format:\s*EIFMT_HVAL\s+Value:\s*0x([0-9a-f]+)", section)
         by_ordinal = sorted((int(o, 16), int(off, 16), int(n, 16)) for o, off, n in params)
         kernels_found[name] = ([(off, n) for _, off, n in by_ordinal], int(bank.group(1), 16) if bank else -1)

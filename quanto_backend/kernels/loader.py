@@ -261,7 +261,9 @@ def check_cubin(image: bytes, name: str = "cubin") -> None:
     except (ValueError, struct.error) as e:
         raise KernelUnavailableError(f"{name}: the compiled cubin is not a valid ELF image ({e})") from e
     if end > len(image):
-        raise KernelUnavailableError(f"{name}: the compiled cubin is truncated ({len(image)} bytes, its ELF needs {end})")
+        raise KernelUnavailableError(
+            f"{name}: the compiled cubin is truncated ({len(image)} bytes, its ELF needs {end})"
+        )
 
 
 def cache_dir() -> Path:

@@ -8,7 +8,12 @@ plain-torch reference, which is correct on any device. Importing this module nee
 Matmul dispatch: up to ``GEMV_MAX_M`` rows of activations go to the decode GEMV (tensor-core m16 tile, each
 weight byte read once), more rows to the tiled tensor-core GEMM: int8 x int8 and float8 x float8 (sm_89+) for
 quantized activations, and for weight-only formats a 16-bit GEMM whose weight tiles are dequantized in shared
-memory.
+memory. From ``*_LIBRARY_ROWS`` rows on, a library GEMM takes over where its contract (``INT_MM``, ``SCALED_MM``)
+allows: cuBLAS through ``F.linear`` on the dequantized weight, ``torch._int_mm``, ``torch._scaled_mm``.
+
+Kernel families (``FAMILIES``, one per source) are self-tested on their first use on a device (see
+:func:`warmup` and :mod:`.cuda_self_test`); one that fails to compile, to load, or to agree with the reference is
+disabled there with one warning, and its ops take the reference.
 """
 
 from __future__ import annotations
@@ -16,12 +21,23 @@ from __future__ import annotations
 import math
 import threading
 import warnings
+from dataclasses import dataclass
 
 import torch
 
 from . import library, reference
 
-__all__ = ["FAMILIES", "GEMV_MAX_M", "warmup"]
+__all__ = [
+    "FAMILIES",
+    "FP8_LIBRARY_ROWS",
+    "GEMV_MAX_M",
+    "INT8_LIBRARY_ROWS",
+    "INT_MM",
+    "SCALED_MM",
+    "WEIGHT_ONLY_LIBRARY_ROWS",
+    "LibraryContract",
+    "warmup",
+]
 
 GEMV_MAX_M = 16
 
@@ -432,22 +448,119 @@ def _matmul(
     return out.reshape(*x.shape[:-1], n)
 
 
+# --- library GEMMs for many rows ------------------------------------------------------------------------------
+# From these row counts on, a library GEMM replaces ours: weight-only formats dequantize the weight (our
+# dequantize kernel) and call cuBLAS through F.linear; int8 x int8 calls torch._int_mm; float8 x float8 calls
+# torch._scaled_mm (on sm_90 the only float8 tensor-core path: mma.sync with e4m3 is emulated there). NOT YET
+# MEASURED ON A GPU: these are estimates (our GEMM was estimated at 35-50% of cuBLAS at M = 2048, and dequantizing
+# the whole weight is amortized over this many rows); bench/kernels.py measures the crossover when a GPU is lent.
+WEIGHT_ONLY_LIBRARY_ROWS = 512
+INT8_LIBRARY_ROWS = 256
+FP8_LIBRARY_ROWS = 256
+
+
+@dataclass(frozen=True)
+class LibraryContract:
+    """What a private torch GEMM accepts, checked before each call (outside it, our kernel or the reference runs).
+
+    ``a`` is ``[M, K]`` row-major, ``b`` is ``[K, N]`` column-major (the transpose of a contiguous ``[N, K]``
+    weight, which is what both ops want)."""
+
+    name: str
+    min_rows: int
+    k_multiple: int
+    n_multiple: int
+    max_k: int | None  # None: no bound
+    min_capability: tuple[int, int]
+    dtype_pairs: tuple[tuple[torch.dtype, torch.dtype], ...]
+
+    def accepts(self, m: int, k: int, n: int, a_dtype: torch.dtype, b_dtype: torch.dtype, capability) -> bool:
+        return (
+            m >= self.min_rows
+            and k > 0
+            and k % self.k_multiple == 0
+            and n > 0
+            and n % self.n_multiple == 0
+            and (self.max_k is None or k <= self.max_k)
+            and tuple(capability) >= self.min_capability
+            and (a_dtype, b_dtype) in self.dtype_pairs
+        )
+
+
+# torch._int_mm (cuBLASLt IMMA): self.size(0) > 16, K and N multiples of 8, int8 x int8 -> int32. The int32
+# accumulator holds any sum of K products of int8 (|x| <= 128) exactly while K <= 2**31 / 128**2, which keeps the
+# result bit for bit the reference's (float64 sums).
+INT_MM = LibraryContract("torch._int_mm", 17, 8, 8, 2**31 // 128**2, (7, 5), ((torch.int8, torch.int8),))
+# torch._scaled_mm, tensorwise float32 scales of 1 (our scales are applied after, as the reference does): K and
+# both dimensions of mat2 multiples of 16, float8 tensor cores (sm_89+); cuBLASLt has no e5m2 x e5m2.
+SCALED_MM = LibraryContract(
+    "torch._scaled_mm", 1, 16, 16, None, (8, 9),
+    tuple((a, b) for a in _FP8 for b in _FP8 if (a, b) != (torch.float8_e5m2, torch.float8_e5m2)),
+)  # fmt: skip
+
+
+def _one_cuda_device(*tensors: torch.Tensor | None) -> torch.device | None:
+    """The CUDA device all the tensors are on, or None."""
+    devices = {t.device for t in tensors if t is not None}
+    if len(devices) != 1:
+        return None
+    device = next(iter(devices))
+    return device if device.type == "cuda" else None
+
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def _library_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """cuBLAS through F.linear on a dequantized weight: the reference's own math, with our dequantize kernel."""
+    return torch.nn.functional.linear(x, w.to(x.dtype), bias)
+
+
+def _scale_rows(acc, x_scale, layout, weight_scale, bias, out_dtype, x_shape) -> torch.Tensor:
+    """The reference's epilogue on a float32 ``[M, N]`` accumulator: ``acc * x_scale * w_scale^T``, cast, bias."""
+    xs = x_scale.float().reshape(-1, 1) if layout == 1 else x_scale.float().reshape(())
+    out = (acc * xs * weight_scale.float().reshape(1, -1)).to(out_dtype)
+    if bias is not None:
+        out = out + bias.to(out_dtype)
+    return out.reshape(*x_shape[:-1], out.shape[-1])
+
+
+def _int_mm_linear(x_q, x_scale, layout, weight, weight_scale, bias, out_dtype) -> torch.Tensor:
+    acc = torch._int_mm(x_q.reshape(-1, x_q.shape[-1]).contiguous(), weight.contiguous().t())
+    return _scale_rows(acc.float(), x_scale, layout, weight_scale, bias, out_dtype, x_q.shape)
+
+
+def _scaled_mm_linear(x_q, x_scale, layout, weight, weight_scale, bias, out_dtype) -> torch.Tensor:
+    one = torch.ones((), dtype=torch.float32, device=x_q.device)
+    a = x_q.reshape(-1, x_q.shape[-1]).contiguous()
+    acc = torch._scaled_mm(a, weight.contiguous().t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
+    return _scale_rows(acc, x_scale, layout, weight_scale, bias, out_dtype, x_q.shape)
+
+
 @_register(library.linear_w8)
 def _linear_w8(
     x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    kind = _kernel_kind(_rows(x)) if x.dim() >= 1 else None
     if not (
-        kind is not None
-        and x.dtype in _HALF
+        x.dtype in _HALF
         and weight.dtype in _Q8
         and weight.dim() == 2
+        and x.dim() >= 1
         and x.shape[-1] == weight.shape[1] > 0
         and weight_scale.numel() == weight.shape[0]
         and weight_scale.dtype in _FLOAT
         and _bias_ok(bias, weight.shape[0])
-        and _ready(kind, x, weight, weight_scale, bias)
     ):
+        return reference.linear_w8(x, weight, weight_scale, bias)
+    m = _rows(x)
+    if m >= WEIGHT_ONLY_LIBRARY_ROWS and _one_cuda_device(x, weight, weight_scale, bias) is not None:
+        scale = weight_scale.reshape(-1, 1)
+        # Dequantized in x's dtype when the scale has it, else in float32 and cast after: the reference's rounding.
+        w = _dequantize_symmetric(weight, scale if scale.dtype == x.dtype else scale.float())
+        return _library_linear(x, w, bias)
+    kind = _kernel_kind(m)
+    if kind is None or not _ready(kind, x, weight, weight_scale, bias):
         return reference.linear_w8(x, weight, weight_scale, bias)
     return _linear_w8_kernel(kind, x, weight, weight_scale, bias)
 
@@ -469,18 +582,23 @@ def _linear_affine(
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
     padded = weight.shape[-1] * 8 // bits if weight.dim() == 2 and bits in (2, 4) else 0
-    kind = _kernel_kind(_rows(x)) if x.dim() >= 1 else None
     if not (
-        kind is not None
-        and x.dtype in _HALF
+        x.dtype in _HALF
         and weight.dtype == torch.uint8
+        and x.dim() >= 1
         and 0 < x.shape[-1] <= padded
         and _affine_ok(weight.shape[0], padded, weight_scale, weight_shift, bits)
         and weight_shift.dtype == weight_scale.dtype
         and (padded // weight_scale.shape[1]) % _GROUP_MULTIPLE == 0
         and _bias_ok(bias, weight.shape[0])
-        and _ready(kind, x, weight, weight_scale, weight_shift, bias)
     ):
+        return reference.linear_affine(x, weight, weight_scale, weight_shift, bits, bias)
+    m = _rows(x)
+    if m >= WEIGHT_ONLY_LIBRARY_ROWS and _one_cuda_device(x, weight, weight_scale, weight_shift, bias) is not None:
+        w = _dequantize_affine(weight, weight_scale, weight_shift, bits)[:, : x.shape[-1]]
+        return _library_linear(x, w, bias)
+    kind = _kernel_kind(m)
+    if kind is None or not _ready(kind, x, weight, weight_scale, weight_shift, bias):
         return reference.linear_affine(x, weight, weight_scale, weight_shift, bits, bias)
     return _linear_affine_kernel(kind, x, weight, weight_scale, weight_shift, bits, bias)
 
@@ -498,7 +616,7 @@ def _linear_affine_kernel(kind, x, weight, weight_scale, weight_shift, bits, bia
 
 def _fp8_tensor_cores(device: torch.device) -> bool:
     """float8 tensor cores start with Ada (sm_89)."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+    return device.type == "cuda" and _capability(device) >= (8, 9)
 
 
 @_register(library.linear_a8w8)
@@ -511,12 +629,10 @@ def _linear_a8w8(
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
     int8_pair = x_q.dtype == weight.dtype == torch.int8
-    fp8_pair = x_q.dtype in _FP8 and weight.dtype in _FP8 and _fp8_tensor_cores(x_q.device)
+    fp8_pair = x_q.dtype in _FP8 and weight.dtype in _FP8
     layout = _scale_layout(x_q, x_scale)
-    kind = _kernel_kind(_rows(x_q)) if x_q.dim() >= 1 else None
     if not (
-        kind is not None
-        and (int8_pair or fp8_pair)
+        (int8_pair or fp8_pair)
         and layout is not None
         and x_scale.dtype in _FLOAT
         and weight.dim() == 2
@@ -525,8 +641,21 @@ def _linear_a8w8(
         and weight_scale.dtype in _FLOAT
         and out_dtype in _FLOAT
         and _bias_ok(bias, weight.shape[0])
-        and _ready(kind, x_q, x_scale, weight, weight_scale, bias)
     ):
+        return reference.linear_a8w8(x_q, x_scale, weight, weight_scale, bias, out_dtype)
+    m, k, n = _rows(x_q), x_q.shape[-1], weight.shape[0]
+    device = _one_cuda_device(x_q, x_scale, weight, weight_scale, bias)
+    if device is not None:
+        args = (x_q, x_scale, layout, weight, weight_scale, bias, out_dtype)
+        capability = _capability(device)
+        if int8_pair and m >= INT8_LIBRARY_ROWS and INT_MM.accepts(m, k, n, x_q.dtype, weight.dtype, capability):
+            return _int_mm_linear(*args)
+        if fp8_pair and m >= FP8_LIBRARY_ROWS and SCALED_MM.accepts(m, k, n, x_q.dtype, weight.dtype, capability):
+            return _scaled_mm_linear(*args)
+    if fp8_pair and not _fp8_tensor_cores(x_q.device):
+        return reference.linear_a8w8(x_q, x_scale, weight, weight_scale, bias, out_dtype)
+    kind = _kernel_kind(m)
+    if kind is None or not _ready(kind, x_q, x_scale, weight, weight_scale, bias):
         return reference.linear_a8w8(x_q, x_scale, weight, weight_scale, bias, out_dtype)
     return _linear_a8w8_kernel(kind, x_q, x_scale, layout, weight, weight_scale, bias, out_dtype)
 

@@ -129,7 +129,8 @@ def _matmul(kind: str, device: torch.device) -> str | None:
         out = cuda._linear_a8w8_kernel(kind, x_q, x_scale, 1, w_q, w_scale, bias32, torch.bfloat16)
         name = f"linear_a8w8 {x_dtype} x {w_dtype}"
         if x_dtype == torch.int8:
-            checks.append(_differs(name, out, reference.linear_a8w8(x_q, x_scale, w_q, w_scale, bias32, torch.bfloat16)))
+            expected = reference.linear_a8w8(x_q, x_scale, w_q, w_scale, bias32, torch.bfloat16)
+            checks.append(_differs(name, out, expected))
         else:
             truth = (x_q.float() @ w_q.float().t()) * x_scale * w_scale.t() + bias32
             checks.append(_far(name, out, truth))
