@@ -25,6 +25,7 @@ import re
 import struct
 import tempfile
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -430,6 +431,8 @@ def load_modules(device: torch.device) -> dict[str, KernelUnavailableError | Non
         _raise_not_loaded(sorted(n for n in ENTRY_POINTS if (n, index) not in _loaded), index)
     errors: dict[str, KernelUnavailableError | None] = {}
     with _lock:
+        missing = [n for n in ENTRY_POINTS if (n, index) not in _loaded and (n, index) not in _failed]
+        _compile_in_parallel(missing, index)
         for name in ENTRY_POINTS:
             try:
                 _load_module(name, index)
@@ -437,6 +440,23 @@ def load_modules(device: torch.device) -> dict[str, KernelUnavailableError | Non
             except KernelUnavailableError as e:
                 errors[name] = e
     return errors
+
+
+def _compile_in_parallel(names: list[str], index: int) -> None:
+    """Fills the compile cache for ``names`` at once (NVRTC releases the GIL, and a first use compiles all three
+    sources); a failure is remembered for :func:`_load_module` to report. The caller holds ``_lock``."""
+    if len(names) < 2:
+        return
+    arch = device_arch(torch.device("cuda", index))
+
+    def compile_one(name: str) -> None:
+        try:
+            load_compiled(name, arch)
+        except KernelUnavailableError as e:
+            _failed[(name, index)] = e
+
+    with ThreadPoolExecutor(max_workers=len(names)) as pool:
+        list(pool.map(compile_one, names))
 
 
 def _raise_not_loaded(names: list[str], index: int) -> None:
