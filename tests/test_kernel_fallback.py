@@ -142,13 +142,18 @@ def test_self_test_that_raises_disables_the_family(launches, monkeypatch):
 
 
 def test_capture_before_warmup_raises(launches, monkeypatch):
-    def capturing_load(device):
-        raise kernels.KernelsNotLoadedError("not loaded on cuda:0 and a CUDA graph is being captured")
-
-    monkeypatch.setattr(kernels, "load_modules", capturing_load)
-    with pytest.raises(kernels.KernelsNotLoadedError):
+    """Even with every module already loaded, the self-tests cannot run inside a capture: a clear error, and
+    nothing launched into the graph."""
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(kernels.KernelsNotLoadedError, match=r"CUDA graph is being captured.*ops\.warmup"):
         cuda_ops._linear_w8(*_w8_case(1), None)
-    assert cuda_ops._health == {}
+    assert cuda_ops._health == {} and launches == []
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    cuda_ops._warmup(CPU)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    launches.clear()
+    cuda_ops._linear_w8(*_w8_case(1), None)  # prepared before the capture: the kernel is captured
+    assert launches == ["qb_gemv<2, 3>"]
 
 
 def test_warmup_rejects_a_cpu_device():

@@ -108,10 +108,16 @@ def _warmup(device: torch.device) -> dict[str, bool]:
     with _warmup_lock:
         index = device.index
         if any((index, f) not in _health for f in FAMILIES):
-            from ..kernels import load_modules
+            from ..kernels import KernelsNotLoadedError, load_modules
             from . import cuda_self_test
 
-            errors = load_modules(device)  # inside a CUDA-graph capture: KernelsNotLoadedError, raised
+            if torch.cuda.is_current_stream_capturing():  # the self-tests read their results: not in a capture
+                raise KernelsNotLoadedError(
+                    f"the quanto_backend kernels of cuda:{index} have not been prepared and a CUDA graph is being "
+                    "captured: run the model once before capturing, or call "
+                    f"quanto_backend.ops.warmup(torch.device('cuda', {index})) first"
+                )
+            errors = load_modules(device)
             for source, error in errors.items():
                 family = source.removesuffix(".cu")
                 if error is not None:
