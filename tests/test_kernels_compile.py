@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -90,9 +89,11 @@ def test_disk_cache_round_trip(tmp_path, monkeypatch) -> None:
 
 def _cuobjdump() -> str:
     """cuobjdump from PATH or from the pip package nvidia-cuda-cuobjdump (the `test` extra)."""
-    found = shutil.which("cuobjdump") or next(
-        (str(p) for p in Path(sys.prefix).glob("lib/python*/site-packages/nvidia/*/bin/cuobjdump")), None
-    )
+    import importlib.util
+
+    spec = importlib.util.find_spec("nvidia")  # the namespace package the NVIDIA wheels install into
+    roots = [Path(p) for p in (spec.submodule_search_locations or [])] if spec else []
+    found = shutil.which("cuobjdump") or next((str(p) for r in roots for p in r.glob("*/bin/cuobjdump")), None)
     assert found, "cuobjdump not found: install the test extra (nvidia-cuda-cuobjdump)"
     return found
 
