@@ -104,7 +104,7 @@ def pack_args(args: Sequence[_Arg]) -> tuple[ParamLayout, ctypes.Array, ctypes.A
     ``extra`` array to launch with (valid until this thread packs the same signature again)."""
     get = _CODES.get
     codes = "".join([get(type(a)) or _code_and_value(a)[0] for a in args])
-    values = [(0 if a is None else a.data_ptr()) if c == "P" else a for c, a in zip(codes, args)]
+    values = [(0 if a is None else a.data_ptr()) if c == "P" else a for c, a in zip(codes, args, strict=True)]
     layout = _layouts.get(codes) or param_layout(codes)
     cache = getattr(_local, "buffers", None)
     if cache is None:

@@ -75,8 +75,7 @@ def _register(op):
 def _kernels_ready(*tensors: torch.Tensor | None) -> bool:
     """True when every tensor is on one CUDA device and the kernels can run; warns once when they cannot."""
     global _warned
-    devices = {t.device for t in tensors if t is not None}
-    if len(devices) != 1 or next(iter(devices)).type != "cuda":
+    if _one_cuda_device(*tensors) is None:
         return False
     from ..kernels import kernels_unavailable_reason
 
