@@ -4,7 +4,10 @@ compile function and options, and the compiled-module cache round-trips through 
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -35,6 +38,9 @@ def test_source_compiles(compiled, source: str, arch: int) -> None:
         raise result
     assert result.is_cubin, "NVRTC should know these architectures and emit SASS directly"
     assert result.image[:4] == b"\x7fELF"
+    loader.check_cubin(result.image)  # whole: every header and section inside the image
+    with pytest.raises(loader.KernelUnavailableError, match="truncated"):
+        loader.check_cubin(result.image[:-1])
     assert set(result.lowered_names) == set(loader.ENTRY_POINTS[source])
     for entry_point, lowered in result.lowered_names.items():
         assert lowered.encode() in result.image, f"{entry_point} ({lowered}) missing from the {source} cubin"
@@ -79,3 +85,41 @@ def test_disk_cache_round_trip(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("QUANTO_BACKEND_CACHE", str(tmp_path))
     monkeypatch.setattr(loader, "_compiled", {})
     assert loader.load_compiled("quantize.cu", 80) == first
+
+
+def _cuobjdump() -> str:
+    """cuobjdump from PATH or from the pip package nvidia-cuda-cuobjdump (the `test` extra)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("nvidia")  # the namespace package the NVIDIA wheels install into
+    roots = [Path(p) for p in (spec.submodule_search_locations or [])] if spec else []
+    found = shutil.which("cuobjdump") or next((str(p) for r in roots for p in r.glob("*/bin/cuobjdump")), None)
+    assert found, "cuobjdump not found: install the test extra (nvidia-cuda-cuobjdump)"
+    return found
+
+
+def test_cuobjdump_reads_the_cubin(compiled, tmp_path) -> None:
+    """The cubin the driver gets is the one NVRTC made: CuPy's getCUBIN is a byte short, and cuobjdump then finds
+    no device code in it."""
+    module = compiled[("quantize.cu", 90)]
+    path = tmp_path / "quantize.cubin"
+    path.write_bytes(module.image)
+    run = subprocess.run([_cuobjdump(), "-elf", str(path)], capture_output=True, text=True, timeout=60)
+    listing = run.stdout + run.stderr
+    assert "sm=90" in listing, listing[:2000]
+    assert "does not contain device code" not in listing
+    for lowered in module.lowered_names.values():
+        assert f".text.{lowered}" in listing
+
+
+def test_truncated_cache_entry_is_recompiled(tmp_path, monkeypatch) -> None:
+    """An entry whose cubin is cut short (as the version that stored getCUBIN's image wrote them) is not trusted."""
+    monkeypatch.setenv("QUANTO_BACKEND_CACHE", str(tmp_path))
+    monkeypatch.setattr(loader, "_compiled", {})
+    good = loader.load_compiled("quantize.cu", 80)
+    (path,) = tmp_path.glob("quantize-sm80-*.bin")
+    loader._write_cache(path, loader.CompiledModule(good.image[:-1], True, good.lowered_names))
+    monkeypatch.setattr(loader, "_compiled", {})
+    assert loader._read_cache(path) is None
+    assert loader.load_compiled("quantize.cu", 80) == good
+    assert loader._read_cache(path) == good

@@ -4,13 +4,16 @@ Importing this package needs neither CuPy nor a GPU; they are looked for when a 
 launched, and :class:`KernelUnavailableError` names what is missing.
 """
 
+from . import driver
 from .launch import Int64, launch
 from .loader import (
     DTYPE_CODES,
     ENTRY_POINTS,
+    KernelsNotLoadedError,
     KernelUnavailableError,
     compile_source,
     kernels_unavailable_reason,
+    load_modules,
     matmul_entry_point,
 )
 
@@ -19,8 +22,11 @@ __all__ = [
     "ENTRY_POINTS",
     "Int64",
     "KernelUnavailableError",
+    "KernelsNotLoadedError",
     "compile_source",
+    "driver",
     "kernels_unavailable_reason",
     "launch",
+    "load_modules",
     "matmul_entry_point",
 ]

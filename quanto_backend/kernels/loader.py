@@ -14,18 +14,24 @@ a device's context and needs one.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import functools
 import hashlib
 import importlib.resources
 import json
 import os
+import re
 import struct
 import tempfile
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from . import driver as _driver
 
 __all__ = [
     "COMPILE_OPTIONS",
@@ -33,22 +39,31 @@ __all__ = [
     "ENTRY_POINTS",
     "CompiledModule",
     "KernelUnavailableError",
+    "KernelsNotLoadedError",
     "MATMUL_FORMATS",
     "U2_CODE",
     "U4_CODE",
     "cache_dir",
+    "check_cubin",
     "compile_source",
     "device_arch",
+    "device_context",
+    "device_index",
     "get_function",
+    "in_device_context",
     "kernels_unavailable_reason",
     "load_compiled",
+    "load_modules",
     "matmul_entry_point",
     "read_sources",
 ]
 
 # No CUDA header is included by the sources (see cuda_kernels/common.cuh), so no include path is needed.
 COMPILE_OPTIONS: tuple[str, ...] = ("-std=c++17",)
-_CACHE_FORMAT = b"QBK1"
+# QBK1 entries were written by a version that stored CuPy's getCUBIN, one byte short of the real cubin; the new
+# tag changes every cache key (so those files are never looked up again) and their header (so one found under a
+# new name is rejected).
+_CACHE_FORMAT = b"QBK2"
 
 # The DType enum of cuda_kernels/common.cuh.
 DTYPE_CODES: dict[torch.dtype, int] = {
@@ -189,12 +204,67 @@ def compile_source(
             log = nvrtc.getProgramLog(program)
             raise KernelUnavailableError(f"NVRTC failed to compile {name} for sm_{arch}:\n{log}") from e
         lowered = {expr: nvrtc.getLoweredName(program, expr) for expr in ENTRY_POINTS[name]}
-        image = nvrtc.getCUBIN(program) if is_cubin else nvrtc.getPTX(program)
+        image = _cubin(program) if is_cubin else nvrtc.getPTX(program)
     finally:
         nvrtc.destroyProgram(program)
-    if not is_cubin and not image.endswith(b"\0"):
+    if is_cubin:
+        check_cubin(image, name)
+    elif not image.endswith(b"\0"):
         image += b"\0"  # cuModuleLoadData reads PTX as a C string
     return CompiledModule(image, is_cubin, lowered)
+
+
+@functools.lru_cache(maxsize=1)
+def _libnvrtc() -> ctypes.CDLL:
+    """The libnvrtc that CuPy's binding loaded (the program handles it creates belong to that library)."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = re.findall(r"\S*/libnvrtc\.so[.\d]*$", f.read(), flags=re.MULTILINE)
+    except OSError:
+        paths = []
+    name = paths[0] if paths else ctypes.util.find_library("nvrtc")
+    if name is None:
+        raise KernelUnavailableError("libnvrtc is loaded by CuPy but could not be found by name")
+    return ctypes.CDLL(name)
+
+
+def _cubin(program: int) -> bytes:
+    """The whole cubin of a compiled program, ``nvrtcGetCUBINSize`` bytes long.
+
+    CuPy's ``getCUBIN`` drops the last byte (it strips a C string's terminator, which a cubin does not have), and
+    the driver and cuobjdump reject the truncated ELF, so the two NVRTC calls are made here.
+    """
+    lib = _libnvrtc()
+    size = ctypes.c_size_t()
+    status = lib.nvrtcGetCUBINSize(ctypes.c_void_p(program), ctypes.byref(size))
+    if status != 0:
+        raise KernelUnavailableError(f"nvrtcGetCUBINSize failed with NVRTC status {status}")
+    buffer = ctypes.create_string_buffer(size.value)
+    status = lib.nvrtcGetCUBIN(ctypes.c_void_p(program), buffer)
+    if status != 0:
+        raise KernelUnavailableError(f"nvrtcGetCUBIN failed with NVRTC status {status}")
+    return buffer.raw
+
+
+def check_cubin(image: bytes, name: str = "cubin") -> None:
+    """Raises :class:`KernelUnavailableError` unless ``image`` is a whole 64-bit ELF: its header, program headers,
+    section headers and section contents all lie inside it (a truncated cubin fails here, not in the driver)."""
+    try:
+        if image[:5] != b"\x7fELF\x02":
+            raise ValueError("no 64-bit ELF magic")
+        phoff, shoff = struct.unpack_from("<QQ", image, 0x20)
+        phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", image, 0x36)
+        end = max(0x40, phoff + phentsize * phnum, shoff + shentsize * shnum)
+        for i in range(shnum):
+            kind, _, _, offset, size = struct.unpack_from("<IIQQQQ", image, shoff + i * shentsize)[1:6]
+            if kind != 8:  # SHT_NOBITS occupies no bytes of the file
+                end = max(end, offset + size)
+    except (ValueError, struct.error) as e:
+        raise KernelUnavailableError(f"{name}: the compiled cubin is not a valid ELF image ({e})") from e
+    if end > len(image):
+        raise KernelUnavailableError(
+            f"{name}: the compiled cubin is truncated ({len(image)} bytes, its ELF needs {end})"
+        )
 
 
 def cache_dir() -> Path:
@@ -222,8 +292,11 @@ def _read_cache(path: Path) -> CompiledModule | None:
             return None
         (meta_len,) = struct.unpack("<I", data[4:8])
         meta = json.loads(data[8 : 8 + meta_len])
-        return CompiledModule(data[8 + meta_len :], bool(meta["is_cubin"]), dict(meta["lowered_names"]))
-    except (OSError, ValueError, KeyError, struct.error):
+        module = CompiledModule(data[8 + meta_len :], bool(meta["is_cubin"]), dict(meta["lowered_names"]))
+        if module.is_cubin:
+            check_cubin(module.image, path.name)
+        return module
+    except (OSError, ValueError, KeyError, struct.error, KernelUnavailableError):
         return None
 
 
@@ -243,10 +316,11 @@ def _write_cache(path: Path, module: CompiledModule) -> None:
                 os.unlink(tmp)
 
 
-_lock = threading.Lock()
+_lock = threading.RLock()
 _compiled: dict[tuple[str, int], CompiledModule] = {}
 _functions: dict[tuple[str, str, int], int] = {}
 _loaded: dict[tuple[str, int], tuple[int, CompiledModule]] = {}
+_failed: dict[tuple[str, int], KernelUnavailableError] = {}
 
 
 def load_compiled(name: str, arch: int) -> CompiledModule:
@@ -279,35 +353,140 @@ def kernels_unavailable_reason() -> str | None:
         return "no CUDA GPU is available to torch"
     try:
         _nvrtc()
-        from cupy_backends.cuda.api import driver  # noqa: F401
-    except (KernelUnavailableError, ImportError) as e:
+    except KernelUnavailableError as e:
         return str(e)
     return None
 
 
-def get_function(name: str, entry_point: str, device: torch.device) -> int:
-    """The ``CUfunction`` handle of an entry point on ``device``, compiling and loading its module on first use.
+def device_index(device: torch.device) -> int:
+    """The CUDA device index of ``device`` (torch's current device when it has none)."""
+    return device.index if device.index is not None else torch.cuda.current_device()
 
-    The first call for a device should happen outside CUDA-graph capture (loading a module is not a stream
-    operation); later calls only look a dictionary up.
+
+@contextlib.contextmanager
+def device_context(index: int):
+    """For the block: torch's current device is ``index`` and its primary context is current on this thread.
+
+    ``torch.cuda.device`` alone is not enough for the driver API: in a thread that never used CUDA (a worker, an
+    autograd device thread) the runtime's device is already 0, so entering device 0 sets nothing and the thread
+    has no current context. The primary context is pushed when it is not current and popped after, so the
+    thread's own context stack is left as it was.
     """
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    drv = _driver.driver
+    with torch.cuda.device(index):
+        context = drv.primary_context(index)
+        pushed = drv.current_context() != context
+        if pushed:
+            drv.push_context(context)
+        try:
+            yield
+        finally:
+            if pushed:
+                drv.pop_context()
+
+
+def in_device_context(index: int) -> bool:
+    """Whether this thread already runs on device ``index`` with its primary context current (the common case,
+    which then needs no :func:`device_context`)."""
+    drv = _driver.driver
+    return torch.cuda.current_device() == index and drv.current_context() == drv.primary_context(index)
+
+
+class KernelsNotLoadedError(RuntimeError):
+    """A kernel module was first needed during CUDA-graph capture, where it cannot be loaded."""
+
+
+def _load_module(name: str, index: int) -> None:
+    """Compiles (through the caches) and loads ``cuda_kernels/<name>`` on device ``index`` and looks all its
+    entry points up, so that later uses, captured ones too, only read ``_functions``. The caller holds ``_lock``.
+    A compile or load failure raises :class:`KernelUnavailableError`, and is remembered (not retried)."""
+    if (name, index) in _loaded:
+        return
+    failure = _failed.get((name, index))
+    if failure is not None:
+        raise failure
+    try:
+        module = load_compiled(name, device_arch(torch.device("cuda", index)))
+        with device_context(index):
+            handle = _driver.driver.module_load_data(module.image)
+            functions = {
+                (name, entry, index): _driver.driver.module_get_function(handle, lowered)
+                for entry, lowered in module.lowered_names.items()
+            }
+    except _driver.DriverError as e:
+        _failed[(name, index)] = KernelUnavailableError(f"loading the {name} kernels on cuda:{index} failed: {e}")
+        raise _failed[(name, index)] from e
+    except KernelUnavailableError as e:
+        _failed[(name, index)] = e
+        raise
+    _functions.update(functions)
+    _loaded[(name, index)] = (handle, module)
+
+
+def load_modules(device: torch.device) -> dict[str, KernelUnavailableError | None]:
+    """Compiles and loads every kernel module on ``device`` (all of ``ENTRY_POINTS``), outside any CUDA-graph
+    capture; returns, per source, the error that made it unavailable, or None. Idempotent."""
+    index = device_index(device)
+    if torch.cuda.is_current_stream_capturing():
+        _raise_not_loaded(sorted(n for n in ENTRY_POINTS if (n, index) not in _loaded), index)
+    errors: dict[str, KernelUnavailableError | None] = {}
+    with _lock:
+        missing = [n for n in ENTRY_POINTS if (n, index) not in _loaded and (n, index) not in _failed]
+        _compile_in_parallel(missing, index)
+        for name in ENTRY_POINTS:
+            try:
+                _load_module(name, index)
+                errors[name] = None
+            except KernelUnavailableError as e:
+                errors[name] = e
+    return errors
+
+
+def _compile_in_parallel(names: list[str], index: int) -> None:
+    """Fills the compile cache for ``names`` at once (NVRTC releases the GIL, and a first use compiles all three
+    sources); a failure is remembered for :func:`_load_module` to report. The caller holds ``_lock``."""
+    if len(names) < 2:
+        return
+    arch = device_arch(torch.device("cuda", index))
+
+    def compile_one(name: str) -> None:
+        try:
+            load_compiled(name, arch)
+        except KernelUnavailableError as e:
+            _failed[(name, index)] = e
+
+    with ThreadPoolExecutor(max_workers=len(names)) as pool:
+        list(pool.map(compile_one, names))
+
+
+def _raise_not_loaded(names: list[str], index: int) -> None:
+    if names:
+        raise KernelsNotLoadedError(
+            f"the quanto_backend kernels {names} are not loaded on cuda:{index} and a CUDA graph is being captured, "
+            "where a module cannot be loaded: run the model once before capturing, or call "
+            f"quanto_backend.ops.warmup(torch.device('cuda', {index})) first"
+        )
+
+
+def get_function(name: str, entry_point: str, device: torch.device) -> int:
+    """The ``CUfunction`` handle of an entry point on ``device``.
+
+    The first use of any kernel on a device loads every module there (:func:`load_modules`), so that a kernel
+    first needed later, during CUDA-graph capture (decode graphs after a prefill that ran only the GEMM), is
+    already loaded; inside a capture a module that is not loaded raises :class:`KernelsNotLoadedError`. Later
+    calls only look a dictionary up. Every driver call runs in :func:`device_context`.
+    """
+    index = device_index(device)
     key = (name, entry_point, index)
     handle = _functions.get(key)
     if handle is not None:
         return handle
-    try:
-        from cupy_backends.cuda.api import driver
-    except ImportError as e:
-        raise KernelUnavailableError(f"CuPy is not installed: `pip install 'quanto-backend[cuda]'` ({e})") from e
-    with _lock:
-        loaded = _loaded.get((name, index))
-        if loaded is None:
-            module = load_compiled(name, device_arch(torch.device("cuda", index)))
-            # cudaSetDevice makes the device's primary context (torch's) current, which the driver calls use.
-            with torch.cuda.device(index):
-                loaded = (driver.moduleLoadData(module.image), module)
-            _loaded[(name, index)] = loaded
-        handle = driver.moduleGetFunction(loaded[0], loaded[1].lowered_names[entry_point])
-        _functions[key] = handle
+    if torch.cuda.is_current_stream_capturing():
+        _raise_not_loaded([name], index)
+    errors = load_modules(device)
+    if errors.get(name) is not None:
+        raise errors[name]
+    handle = _functions.get(key)
+    if handle is None:
+        raise KernelUnavailableError(f"{entry_point} is not an entry point of {name}")
     return handle

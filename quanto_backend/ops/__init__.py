@@ -2,6 +2,7 @@
 
 from . import cpu, cuda  # noqa: F401  (register the CPU and CUDA kernels of the ops)
 from .cpu import aligned
+from .cuda import warmup
 from .library import (
     dequantize_affine,
     dequantize_asymmetric,
@@ -35,4 +36,5 @@ __all__ = [
     "quantize_per_token",
     "quantize_symmetric",
     "unpack",
+    "warmup",
 ]

@@ -8,19 +8,36 @@ plain-torch reference, which is correct on any device. Importing this module nee
 Matmul dispatch: up to ``GEMV_MAX_M`` rows of activations go to the decode GEMV (tensor-core m16 tile, each
 weight byte read once), more rows to the tiled tensor-core GEMM: int8 x int8 and float8 x float8 (sm_89+) for
 quantized activations, and for weight-only formats a 16-bit GEMM whose weight tiles are dequantized in shared
-memory.
+memory. From ``*_LIBRARY_ROWS`` rows on, a library GEMM takes over where its contract (``INT_MM``, ``SCALED_MM``)
+allows: cuBLAS through ``F.linear`` on the dequantized weight, ``torch._int_mm``, ``torch._scaled_mm``.
+
+Kernel families (``FAMILIES``, one per source) are self-tested on their first use on a device (see
+:func:`warmup` and :mod:`.cuda_self_test`); one that fails to compile, to load, or to agree with the reference is
+disabled there with one warning, and its ops take the reference.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 import warnings
+from dataclasses import dataclass
 
 import torch
 
 from . import library, reference
 
-__all__ = ["GEMV_MAX_M"]
+__all__ = [
+    "FAMILIES",
+    "FP8_LIBRARY_ROWS",
+    "GEMV_MAX_M",
+    "INT8_LIBRARY_ROWS",
+    "INT_MM",
+    "SCALED_MM",
+    "WEIGHT_ONLY_LIBRARY_ROWS",
+    "LibraryContract",
+    "warmup",
+]
 
 GEMV_MAX_M = 16
 
@@ -34,14 +51,31 @@ _GEMM_TILE = 128
 # 2/4-bit groups must hold whole 32-value pieces: the GEMV reads one scale and shift per 32 weights.
 _GROUP_MULTIPLE = 32
 
+# The kernel families: one per source of cuda_kernels/ (the stems of kernels.ENTRY_POINTS). Each is enabled per
+# device after its first-use self-test, or disabled (with one warning naming it) when it cannot be compiled or
+# loaded or disagrees with the reference; the ops of a disabled family take the reference.
+FAMILIES: tuple[str, ...] = ("quantize", "gemv", "gemm")
+
 _warned = False
+_health: dict[tuple[int | None, str], bool] = {}
+_warmup_lock = threading.RLock()
+
+
+def _register(op):
+    """Registers the decorated function as ``op``'s CUDA kernel and keeps it callable by name (the self-tests
+    and unit tests call it directly)."""
+
+    def register(fn):
+        torch.library.register_kernel(op, "cuda", fn)
+        return fn
+
+    return register
 
 
 def _kernels_ready(*tensors: torch.Tensor | None) -> bool:
     """True when every tensor is on one CUDA device and the kernels can run; warns once when they cannot."""
     global _warned
-    devices = {t.device for t in tensors if t is not None}
-    if len(devices) != 1 or next(iter(devices)).type != "cuda":
+    if _one_cuda_device(*tensors) is None:
         return False
     from ..kernels import kernels_unavailable_reason
 
@@ -56,6 +90,85 @@ def _kernels_ready(*tensors: torch.Tensor | None) -> bool:
             )
         return False
     return True
+
+
+def _disable(index: int | None, family: str, why: str) -> None:
+    _health[(index, family)] = False
+    warnings.warn(
+        f"quanto_backend: the {family} CUDA kernels are disabled on cuda:{index} ({why}); "
+        "their ops use the slower plain-torch reference there",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+def _warmup(device: torch.device) -> dict[str, bool]:
+    """Loads every module on ``device`` and self-tests each loaded family, once per device (see :func:`warmup`)."""
+    with _warmup_lock:
+        index = device.index
+        if any((index, f) not in _health for f in FAMILIES):
+            from ..kernels import KernelsNotLoadedError, load_modules
+            from . import cuda_self_test
+
+            if torch.cuda.is_current_stream_capturing():  # the self-tests read their results: not in a capture
+                raise KernelsNotLoadedError(
+                    f"the quanto_backend kernels of cuda:{index} have not been prepared and a CUDA graph is being "
+                    "captured: run the model once before capturing, or call "
+                    f"quanto_backend.ops.warmup(torch.device('cuda', {index})) first"
+                )
+            errors = load_modules(device)
+            for source, error in errors.items():
+                family = source.removesuffix(".cu")
+                if error is not None:
+                    _disable(index, family, f"they could not be compiled or loaded: {error}")
+            for family in FAMILIES:
+                if (index, family) in _health:
+                    continue
+                try:
+                    problem = cuda_self_test.run(family, device)
+                except Exception as e:  # a kernel that fails to run is as unusable as one that is wrong
+                    problem = f"{type(e).__name__}: {e}"
+                if problem is None:
+                    _health[(index, family)] = True
+                else:
+                    _disable(index, family, f"their first-use self-test against the reference failed: {problem}")
+        return {f: _health[(index, f)] for f in FAMILIES}
+
+
+def warmup(device: torch.device | str | int | None = None) -> dict[str, bool]:
+    """Prepares the CUDA kernels of ``device`` (default: the current one) and returns which families run there.
+
+    Compiles (or reads from the disk cache) and loads every kernel module, then runs each family's self-test: a
+    small case of every entry point against the plain-torch reference. A family that cannot be compiled or loaded,
+    or that disagrees with the reference, is disabled there with one warning naming it, and its ops take the
+    reference. This happens by itself at the first quantized op on a device; call it explicitly before capturing
+    CUDA graphs when the model has not run outside the capture yet. Done once per device.
+    """
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    if device.type != "cuda":
+        raise ValueError(f"warmup: device {device} is not a CUDA device; accepted: 'cuda', 'cuda:N', N")
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    from ..kernels import KernelUnavailableError, kernels_unavailable_reason
+
+    reason = kernels_unavailable_reason()
+    if reason is not None:
+        raise KernelUnavailableError(f"the quanto_backend CUDA kernels cannot run here: {reason}")
+    return _warmup(device)
+
+
+def _ready(family: str, *tensors: torch.Tensor | None) -> bool:
+    """True when ``family``'s kernels can run on the tensors' device: :func:`_kernels_ready` and the family is
+    enabled there (its first use on a device runs :func:`_warmup`)."""
+    if not _kernels_ready(*tensors):
+        return False
+    device = next(t.device for t in tensors if t is not None)
+    state = _health.get((device.index, family))
+    if state is None:
+        state = _warmup(device)[family]
+    return state
 
 
 def _code(dtype: torch.dtype) -> int:
@@ -97,19 +210,25 @@ def _rows_grid(cols: int, rows: int) -> tuple[int, int]:
     return (math.ceil(cols / _BLOCK), min(rows, _MAX_GRID_Y))
 
 
-# --- elementwise ops -------------------------------------------------------------------------------------------
+# --- elementwise ops (family "quantize") ------------------------------------------------------------------------
+# Each op checks that its inputs are a case the kernel covers; the *_kernel function after it launches the kernel
+# on inputs already checked (the self-tests call those directly).
 
 
-@torch.library.register_kernel(library.pack, "cuda")
+@_register(library.pack)
 def _pack(values: torch.Tensor, bits: int) -> torch.Tensor:
     if not (
         bits in (2, 4)
         and values.dtype == torch.uint8
         and values.dim() >= 1
         and values.shape[-1] % (8 // bits) == 0
-        and _kernels_ready(values)
+        and _ready("quantize", values)
     ):
         return reference.pack(values, bits)
+    return _pack_kernel(values, bits)
+
+
+def _pack_kernel(values: torch.Tensor, bits: int) -> torch.Tensor:
     values = values.contiguous()
     out = values.new_empty((*values.shape[:-1], values.shape[-1] * bits // 8))
     n = out.numel()
@@ -119,10 +238,14 @@ def _pack(values: torch.Tensor, bits: int) -> torch.Tensor:
     return out
 
 
-@torch.library.register_kernel(library.unpack, "cuda")
+@_register(library.unpack)
 def _unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    if not (bits in (2, 4) and packed.dtype == torch.uint8 and packed.dim() >= 1 and _kernels_ready(packed)):
+    if not (bits in (2, 4) and packed.dtype == torch.uint8 and packed.dim() >= 1 and _ready("quantize", packed)):
         return reference.unpack(packed, bits)
+    return _unpack_kernel(packed, bits)
+
+
+def _unpack_kernel(packed: torch.Tensor, bits: int) -> torch.Tensor:
     packed = packed.contiguous()
     out = packed.new_empty((*packed.shape[:-1], packed.shape[-1] * 8 // bits))
     n = packed.numel()
@@ -132,13 +255,21 @@ def _unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return out
 
 
-@torch.library.register_kernel(library.quantize_symmetric, "cuda")
+@_register(library.quantize_symmetric)
 def _quantize_symmetric(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     layout = _scale_layout(x, scale)
     if not (
-        layout is not None and dtype in _Q8 and x.dtype in _FLOAT and scale.dtype in _FLOAT and _kernels_ready(x, scale)
+        layout is not None
+        and dtype in _Q8
+        and x.dtype in _FLOAT
+        and scale.dtype in _FLOAT
+        and _ready("quantize", x, scale)
     ):
         return reference.quantize_symmetric(x, scale, dtype)
+    return _quantize_symmetric_kernel(x, scale, dtype, layout)
+
+
+def _quantize_symmetric_kernel(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, layout: int) -> torch.Tensor:
     x = x.contiguous()
     scale = scale.contiguous()
     out = torch.empty(x.shape, dtype=dtype, device=x.device)
@@ -150,11 +281,15 @@ def _quantize_symmetric(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
     return out
 
 
-@torch.library.register_kernel(library.dequantize_symmetric, "cuda")
+@_register(library.dequantize_symmetric)
 def _dequantize_symmetric(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     layout = _scale_layout(q, scale)
-    if not (layout is not None and q.dtype in _Q8 and scale.dtype in _FLOAT and _kernels_ready(q, scale)):
+    if not (layout is not None and q.dtype in _Q8 and scale.dtype in _FLOAT and _ready("quantize", q, scale)):
         return reference.dequantize_symmetric(q, scale)
+    return _dequantize_symmetric_kernel(q, scale, layout)
+
+
+def _dequantize_symmetric_kernel(q: torch.Tensor, scale: torch.Tensor, layout: int) -> torch.Tensor:
     q = q.contiguous()
     scale = scale.contiguous()
     out = torch.empty(q.shape, dtype=scale.dtype, device=q.device)
@@ -166,10 +301,14 @@ def _dequantize_symmetric(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@torch.library.register_kernel(library.quantize_per_token, "cuda")
+@_register(library.quantize_per_token)
 def _quantize_per_token(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    if not (dtype in _Q8 and x.dtype in _FLOAT and x.dim() >= 1 and x.shape[-1] > 0 and _kernels_ready(x)):
+    if not (dtype in _Q8 and x.dtype in _FLOAT and x.dim() >= 1 and x.shape[-1] > 0 and _ready("quantize", x)):
         return reference.quantize_per_token(x, dtype)
+    return _quantize_per_token_kernel(x, dtype)
+
+
+def _quantize_per_token_kernel(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     x = x.contiguous()
     cols = x.shape[-1]
     rows = x.numel() // cols
@@ -195,15 +334,19 @@ def _affine_ok(rows: int, cols: int, scale: torch.Tensor, shift: torch.Tensor, b
     )
 
 
-@torch.library.register_kernel(library.quantize_affine, "cuda")
+@_register(library.quantize_affine)
 def _quantize_affine(w: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, bits: int) -> torch.Tensor:
     if not (
         w.dim() == 2
         and w.dtype in _FLOAT
         and _affine_ok(w.shape[0], w.shape[1], scale, shift, bits)
-        and _kernels_ready(w, scale, shift)
+        and _ready("quantize", w, scale, shift)
     ):
         return reference.quantize_affine(w, scale, shift, bits)
+    return _quantize_affine_kernel(w, scale, shift, bits)
+
+
+def _quantize_affine_kernel(w: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, bits: int) -> torch.Tensor:
     w, scale, shift = w.contiguous(), scale.contiguous(), shift.contiguous()
     rows, cols = w.shape
     n_groups = scale.shape[1]
@@ -218,18 +361,25 @@ def _quantize_affine(w: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, 
     return out
 
 
-@torch.library.register_kernel(library.dequantize_affine, "cuda")
+@_register(library.dequantize_affine)
 def _dequantize_affine(packed: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, bits: int) -> torch.Tensor:
     cols = packed.shape[-1] * 8 // bits if packed.dim() == 2 and bits in (2, 4) else 0
     if not (
         packed.dim() == 2
         and packed.dtype == torch.uint8
         and _affine_ok(packed.shape[0], cols, scale, shift, bits)
-        and _kernels_ready(packed, scale, shift)
+        and _ready("quantize", packed, scale, shift)
     ):
         return reference.dequantize_affine(packed, scale, shift, bits)
+    return _dequantize_affine_kernel(packed, scale, shift, bits)
+
+
+def _dequantize_affine_kernel(
+    packed: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, bits: int
+) -> torch.Tensor:
     packed, scale, shift = packed.contiguous(), scale.contiguous(), shift.contiguous()
     rows, packed_cols = packed.shape
+    cols = packed_cols * 8 // bits
     n_groups = scale.shape[1]
     out = torch.empty((rows, cols), dtype=scale.dtype, device=packed.device)
     if rows and packed_cols:
@@ -241,14 +391,27 @@ def _dequantize_affine(packed: torch.Tensor, scale: torch.Tensor, shift: torch.T
     return out
 
 
-# --- matmuls ---------------------------------------------------------------------------------------------------
+# --- matmuls (families "gemv" and "gemm") --------------------------------------------------------------------
 
 
 def _bias_ok(bias: torch.Tensor | None, n: int) -> bool:
     return bias is None or (bias.dim() == 1 and bias.shape[0] == n and bias.dtype in _FLOAT)
 
 
+def _rows(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[-1] if x.shape[-1] else 0
+
+
+def _kernel_kind(m: int) -> str | None:
+    """The family of our kernel for ``m`` rows of activations: the GEMV up to ``GEMV_MAX_M``, else the GEMM
+    (None when its grid would be too tall)."""
+    if m <= GEMV_MAX_M:
+        return "gemv"
+    return "gemm" if math.ceil(m / _GEMM_TILE) <= _MAX_GRID_Y else None
+
+
 def _matmul(
+    kind: str,
     act_format: int,
     weight_format: int,
     x: torch.Tensor,
@@ -262,7 +425,7 @@ def _matmul(
     n_groups: int,
     group_size: int,
 ) -> torch.Tensor:
-    """Runs the GEMV (M <= GEMV_MAX_M) or GEMM kernel for ``x [..., K] @ weight^T``; inputs already checked."""
+    """Runs the ``kind`` ("gemv" or "gemm") kernel for ``x [..., K] @ weight^T``; inputs already checked."""
     from ..kernels import matmul_entry_point
 
     k = x.shape[-1]
@@ -275,10 +438,10 @@ def _matmul(
         weight_scale = weight_scale.contiguous()
         weight_shift = None if weight_shift is None else weight_shift.contiguous()
         bias = None if bias is None else bias.contiguous()
-        if m <= GEMV_MAX_M:
-            kind, grid = "gemv", (math.ceil(n / 8),)
+        if kind == "gemv":
+            grid = (math.ceil(n / 8),)
         else:
-            kind, grid = "gemm", (math.ceil(n / _GEMM_TILE), math.ceil(m / _GEMM_TILE))
+            grid = (math.ceil(n / _GEMM_TILE), math.ceil(m / _GEMM_TILE))
         source, entry_point = matmul_entry_point(kind, act_format, weight_format)
         args = (
             x2, weight, weight_scale, weight_shift, x_scale, bias, out,
@@ -290,12 +453,97 @@ def _matmul(
     return out.reshape(*x.shape[:-1], n)
 
 
-def _gemm_rows_ok(x: torch.Tensor) -> bool:
-    m = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    return m <= GEMV_MAX_M or math.ceil(m / _GEMM_TILE) <= _MAX_GRID_Y
+# --- library GEMMs for many rows ------------------------------------------------------------------------------
+# From these row counts on, a library GEMM replaces ours: weight-only formats dequantize the weight (our
+# dequantize kernel) and call cuBLAS through F.linear; int8 x int8 calls torch._int_mm; float8 x float8 calls
+# torch._scaled_mm (on sm_90 the only float8 tensor-core path: mma.sync with e4m3 is emulated there). NOT YET
+# MEASURED ON A GPU: these are estimates (our GEMM was estimated at 35-50% of cuBLAS at M = 2048, and dequantizing
+# the whole weight is amortized over this many rows); bench/kernels.py measures the crossover when a GPU is lent.
+WEIGHT_ONLY_LIBRARY_ROWS = 512
+INT8_LIBRARY_ROWS = 256
+FP8_LIBRARY_ROWS = 256
 
 
-@torch.library.register_kernel(library.linear_w8, "cuda")
+@dataclass(frozen=True)
+class LibraryContract:
+    """What a private torch GEMM accepts, checked before each call (outside it, our kernel or the reference runs).
+
+    ``a`` is ``[M, K]`` row-major, ``b`` is ``[K, N]`` column-major (the transpose of a contiguous ``[N, K]``
+    weight, which is what both ops want)."""
+
+    name: str
+    min_rows: int
+    k_multiple: int
+    n_multiple: int
+    max_k: int | None  # None: no bound
+    min_capability: tuple[int, int]
+    dtype_pairs: tuple[tuple[torch.dtype, torch.dtype], ...]
+
+    def accepts(self, m: int, k: int, n: int, a_dtype: torch.dtype, b_dtype: torch.dtype, capability) -> bool:
+        return (
+            m >= self.min_rows
+            and k > 0
+            and k % self.k_multiple == 0
+            and n > 0
+            and n % self.n_multiple == 0
+            and (self.max_k is None or k <= self.max_k)
+            and tuple(capability) >= self.min_capability
+            and (a_dtype, b_dtype) in self.dtype_pairs
+        )
+
+
+# torch._int_mm (cuBLASLt IMMA): self.size(0) > 16, K and N multiples of 8, int8 x int8 -> int32. The int32
+# accumulator holds any sum of K products of int8 (|x| <= 128) exactly while K <= 2**31 / 128**2, which keeps the
+# result bit for bit the reference's (float64 sums).
+INT_MM = LibraryContract("torch._int_mm", 17, 8, 8, 2**31 // 128**2, (7, 5), ((torch.int8, torch.int8),))
+# torch._scaled_mm, tensorwise float32 scales of 1 (our scales are applied after, as the reference does): K and
+# both dimensions of mat2 multiples of 16, float8 tensor cores (sm_89+); cuBLASLt has no e5m2 x e5m2.
+SCALED_MM = LibraryContract(
+    "torch._scaled_mm", 1, 16, 16, None, (8, 9),
+    tuple((a, b) for a in _FP8 for b in _FP8 if (a, b) != (torch.float8_e5m2, torch.float8_e5m2)),
+)  # fmt: skip
+
+
+def _one_cuda_device(*tensors: torch.Tensor | None) -> torch.device | None:
+    """The CUDA device all the tensors are on, or None."""
+    devices = {t.device for t in tensors if t is not None}
+    if len(devices) != 1:
+        return None
+    device = next(iter(devices))
+    return device if device.type == "cuda" else None
+
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def _library_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """cuBLAS through F.linear on a dequantized weight: the reference's own math, with our dequantize kernel."""
+    return torch.nn.functional.linear(x, w.to(x.dtype), bias)
+
+
+def _scale_rows(acc, x_scale, layout, weight_scale, bias, out_dtype, x_shape) -> torch.Tensor:
+    """The reference's epilogue on a float32 ``[M, N]`` accumulator: ``acc * x_scale * w_scale^T``, cast, bias."""
+    xs = x_scale.float().reshape(-1, 1) if layout == 1 else x_scale.float().reshape(())
+    out = (acc * xs * weight_scale.float().reshape(1, -1)).to(out_dtype)
+    if bias is not None:
+        out = out + bias.to(out_dtype)
+    return out.reshape(*x_shape[:-1], out.shape[-1])
+
+
+def _int_mm_linear(x_q, x_scale, layout, weight, weight_scale, bias, out_dtype) -> torch.Tensor:
+    acc = torch._int_mm(x_q.reshape(-1, x_q.shape[-1]).contiguous(), weight.contiguous().t())
+    return _scale_rows(acc.float(), x_scale, layout, weight_scale, bias, out_dtype, x_q.shape)
+
+
+def _scaled_mm_linear(x_q, x_scale, layout, weight, weight_scale, bias, out_dtype) -> torch.Tensor:
+    one = torch.ones((), dtype=torch.float32, device=x_q.device)
+    a = x_q.reshape(-1, x_q.shape[-1]).contiguous()
+    acc = torch._scaled_mm(a, weight.contiguous().t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
+    return _scale_rows(acc, x_scale, layout, weight_scale, bias, out_dtype, x_q.shape)
+
+
+@_register(library.linear_w8)
 def _linear_w8(
     x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
@@ -308,17 +556,28 @@ def _linear_w8(
         and weight_scale.numel() == weight.shape[0]
         and weight_scale.dtype in _FLOAT
         and _bias_ok(bias, weight.shape[0])
-        and _gemm_rows_ok(x)
-        and _kernels_ready(x, weight, weight_scale, bias)
     ):
         return reference.linear_w8(x, weight, weight_scale, bias)
+    m = _rows(x)
+    if m >= WEIGHT_ONLY_LIBRARY_ROWS and _one_cuda_device(x, weight, weight_scale, bias) is not None:
+        scale = weight_scale.reshape(-1, 1)
+        # Dequantized in x's dtype when the scale has it, else in float32 and cast after: the reference's rounding.
+        w = _dequantize_symmetric(weight, scale if scale.dtype == x.dtype else scale.float())
+        return _library_linear(x, w, bias)
+    kind = _kernel_kind(m)
+    if kind is None or not _ready(kind, x, weight, weight_scale, bias):
+        return reference.linear_w8(x, weight, weight_scale, bias)
+    return _linear_w8_kernel(kind, x, weight, weight_scale, bias)
+
+
+def _linear_w8_kernel(kind, x, weight, weight_scale, bias) -> torch.Tensor:
     return _matmul(
-        _code(x.dtype), _code(weight.dtype), x, weight, weight_scale.reshape(-1), None, None, 0, bias, x.dtype,
+        kind, _code(x.dtype), _code(weight.dtype), x, weight, weight_scale.reshape(-1), None, None, 0, bias, x.dtype,
         1, weight.shape[1],
     )  # fmt: skip
 
 
-@torch.library.register_kernel(library.linear_affine, "cuda")
+@_register(library.linear_affine)
 def _linear_affine(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -327,8 +586,6 @@ def _linear_affine(
     bits: int,
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
-    from ..kernels.loader import U2_CODE, U4_CODE
-
     padded = weight.shape[-1] * 8 // bits if weight.dim() == 2 and bits in (2, 4) else 0
     if not (
         x.dtype in _HALF
@@ -339,18 +596,35 @@ def _linear_affine(
         and weight_shift.dtype == weight_scale.dtype
         and (padded // weight_scale.shape[1]) % _GROUP_MULTIPLE == 0
         and _bias_ok(bias, weight.shape[0])
-        and _gemm_rows_ok(x)
-        and _kernels_ready(x, weight, weight_scale, weight_shift, bias)
     ):
         return reference.linear_affine(x, weight, weight_scale, weight_shift, bits, bias)
+    m = _rows(x)
+    if m >= WEIGHT_ONLY_LIBRARY_ROWS and _one_cuda_device(x, weight, weight_scale, weight_shift, bias) is not None:
+        w = _dequantize_affine(weight, weight_scale, weight_shift, bits)[:, : x.shape[-1]]
+        return _library_linear(x, w, bias)
+    kind = _kernel_kind(m)
+    if kind is None or not _ready(kind, x, weight, weight_scale, weight_shift, bias):
+        return reference.linear_affine(x, weight, weight_scale, weight_shift, bits, bias)
+    return _linear_affine_kernel(kind, x, weight, weight_scale, weight_shift, bits, bias)
+
+
+def _linear_affine_kernel(kind, x, weight, weight_scale, weight_shift, bits, bias) -> torch.Tensor:
+    from ..kernels.loader import U2_CODE, U4_CODE
+
+    padded = weight.shape[-1] * 8 // bits
     n_groups = weight_scale.shape[1]
     return _matmul(
-        _code(x.dtype), U4_CODE if bits == 4 else U2_CODE, x, weight, weight_scale, weight_shift, None, 0, bias,
-        x.dtype, n_groups, padded // n_groups,
+        kind, _code(x.dtype), U4_CODE if bits == 4 else U2_CODE, x, weight, weight_scale, weight_shift, None, 0,
+        bias, x.dtype, n_groups, padded // n_groups,
     )  # fmt: skip
 
 
-@torch.library.register_kernel(library.linear_a8w8, "cuda")
+def _fp8_tensor_cores(device: torch.device) -> bool:
+    """float8 tensor cores start with Ada (sm_89)."""
+    return device.type == "cuda" and _capability(device) >= (8, 9)
+
+
+@_register(library.linear_a8w8)
 def _linear_a8w8(
     x_q: torch.Tensor,
     x_scale: torch.Tensor,
@@ -360,9 +634,7 @@ def _linear_a8w8(
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
     int8_pair = x_q.dtype == weight.dtype == torch.int8
-    fp8_pair = x_q.dtype in _FP8 and weight.dtype in _FP8 and x_q.is_cuda
-    if fp8_pair and torch.cuda.get_device_capability(x_q.device) < (8, 9):
-        fp8_pair = False  # float8 tensor cores start with Ada (sm_89)
+    fp8_pair = x_q.dtype in _FP8 and weight.dtype in _FP8
     layout = _scale_layout(x_q, x_scale)
     if not (
         (int8_pair or fp8_pair)
@@ -374,12 +646,28 @@ def _linear_a8w8(
         and weight_scale.dtype in _FLOAT
         and out_dtype in _FLOAT
         and _bias_ok(bias, weight.shape[0])
-        and _gemm_rows_ok(x_q)
-        and _kernels_ready(x_q, x_scale, weight, weight_scale, bias)
     ):
         return reference.linear_a8w8(x_q, x_scale, weight, weight_scale, bias, out_dtype)
+    m, k, n = _rows(x_q), x_q.shape[-1], weight.shape[0]
+    device = _one_cuda_device(x_q, x_scale, weight, weight_scale, bias)
+    if device is not None:
+        args = (x_q, x_scale, layout, weight, weight_scale, bias, out_dtype)
+        capability = _capability(device)
+        if int8_pair and m >= INT8_LIBRARY_ROWS and INT_MM.accepts(m, k, n, x_q.dtype, weight.dtype, capability):
+            return _int_mm_linear(*args)
+        if fp8_pair and m >= FP8_LIBRARY_ROWS and SCALED_MM.accepts(m, k, n, x_q.dtype, weight.dtype, capability):
+            return _scaled_mm_linear(*args)
+    if fp8_pair and not _fp8_tensor_cores(x_q.device):
+        return reference.linear_a8w8(x_q, x_scale, weight, weight_scale, bias, out_dtype)
+    kind = _kernel_kind(m)
+    if kind is None or not _ready(kind, x_q, x_scale, weight, weight_scale, bias):
+        return reference.linear_a8w8(x_q, x_scale, weight, weight_scale, bias, out_dtype)
+    return _linear_a8w8_kernel(kind, x_q, x_scale, layout, weight, weight_scale, bias, out_dtype)
+
+
+def _linear_a8w8_kernel(kind, x_q, x_scale, layout, weight, weight_scale, bias, out_dtype) -> torch.Tensor:
     x_scale = x_scale.reshape(-1).float().contiguous()
     return _matmul(
-        _code(x_q.dtype), _code(weight.dtype), x_q, weight, weight_scale.reshape(-1), None, x_scale, layout, bias,
-        out_dtype, 1, weight.shape[1],
+        kind, _code(x_q.dtype), _code(weight.dtype), x_q, weight, weight_scale.reshape(-1), None, x_scale, layout,
+        bias, out_dtype, 1, weight.shape[1],
     )  # fmt: skip

@@ -1,0 +1,150 @@
+"""The first-use self-test of each CUDA kernel family: every entry point on a small case, against the reference.
+
+:func:`quanto_backend.ops.cuda.warmup` runs it once per device and family, before the family's first use, so a
+kernel that the compiler, the driver or the GPU gets wrong is disabled (with a warning) instead of being silently
+wrong. The cases are small (a few kilobytes, one launch each) but cross the boundaries the kernels handle: rows
+that are not a multiple of a tile, both scale layouts, every weight and activation format of the family.
+
+The elementwise kernels and the int8 x int8 matmul must equal the reference bit for bit; the other matmuls sum in
+another order (and the weight-only ones skip the reference's rounding of the dequantized weight), so they are held
+to a few output ulps of a float32 truth, which any indexing or layout bug exceeds by orders of magnitude.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from . import cuda, reference
+
+__all__ = ["run"]
+
+_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+_Q8 = (torch.int8, *_FP8)
+_HALF = (torch.float16, torch.bfloat16)
+# Max error relative to the largest output, for K = _K: twice the tolerance of the GPU test suite.
+_TOLERANCE = {torch.bfloat16: 3.2e-2, torch.float16: 5e-3, torch.float32: 2e-4}
+_K, _N = 160, 24  # K: one and a quarter GEMM K-tiles, five 32-wide groups; N: not a multiple of 16
+
+
+def _qmax(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).max if dtype.is_floating_point else 127.0
+
+
+def _differs(name: str, actual: torch.Tensor, expected: torch.Tensor) -> str | None:
+    """None when ``actual`` is bit for bit ``expected``, else what differs."""
+    if actual.shape != expected.shape or actual.dtype != expected.dtype:
+        return f"{name}: {actual.dtype}{list(actual.shape)} instead of {expected.dtype}{list(expected.shape)}"
+    if actual.element_size() == 1:
+        bad = actual.view(torch.uint8) != expected.view(torch.uint8)
+    else:
+        a, e = actual.float(), expected.float()
+        bad = (a != e) & ~(a.isnan() & e.isnan())
+    count = int(bad.sum())
+    return None if count == 0 else f"{name}: {count} of {bad.numel()} values differ from the reference"
+
+
+def _far(name: str, actual: torch.Tensor, truth: torch.Tensor) -> str | None:
+    """None when ``actual`` is within a few output ulps of the float32 ``truth``, else by how much it is not."""
+    if actual.shape != truth.shape:
+        return f"{name}: shape {list(actual.shape)} instead of {list(truth.shape)}"
+    a = actual.float()
+    if not bool(torch.isfinite(a).all()):
+        return f"{name}: non-finite outputs"
+    err = float((a - truth).abs().max() / truth.abs().max().clamp_min(1e-6))
+    tol = _TOLERANCE[actual.dtype]
+    return None if err <= tol else f"{name}: relative error {err:.3g} > {tol}"
+
+
+def _quantize(device: torch.device) -> str | None:
+    gen = torch.Generator(device=device).manual_seed(0)
+    checks: list[str | None] = []
+    for bits in (2, 4):
+        values = torch.randint(0, 2**bits, (3, 64), dtype=torch.uint8, device=device, generator=gen)
+        packed = cuda._pack_kernel(values, bits)
+        checks.append(_differs(f"pack {bits}-bit", packed, reference.pack(values, bits)))
+        checks.append(_differs(f"unpack {bits}-bit", cuda._unpack_kernel(packed, bits), values))
+    x32 = torch.randn(5, 72, device=device, generator=gen) * 3
+    for x_dtype in (torch.float32, torch.bfloat16):
+        x = x32.to(x_dtype)
+        for dtype in _Q8:
+            per_row = (x32.abs().amax(dim=-1, keepdim=True) / _qmax(dtype)).to(x_dtype)
+            per_tensor = (x32.abs().amax() / _qmax(dtype)).float()
+            for layout, scale in ((1, per_row), (0, per_tensor)):
+                name = f"{x_dtype} -> {dtype}, scale layout {layout}"
+                q = cuda._quantize_symmetric_kernel(x, scale, dtype, layout)
+                checks.append(_differs(f"quantize_symmetric {name}", q, reference.quantize_symmetric(x, scale, dtype)))
+                dq = cuda._dequantize_symmetric_kernel(q, scale, layout)
+                checks.append(_differs(f"dequantize_symmetric {name}", dq, reference.dequantize_symmetric(q, scale)))
+            q, scale = cuda._quantize_per_token_kernel(x, dtype)
+            q_ref, scale_ref = reference.quantize_per_token(x, dtype)
+            checks.append(_differs(f"quantize_per_token {x_dtype} -> {dtype}", q, q_ref))
+            checks.append(_differs(f"quantize_per_token {x_dtype} -> {dtype} scale", scale, scale_ref))
+    w = torch.randn(6, 128, device=device, generator=gen).to(torch.float16)
+    for bits in (2, 4):
+        scale, shift = _affine_params(w.float(), 32, bits, torch.float16)
+        packed = cuda._quantize_affine_kernel(w, scale, shift, bits)
+        checks.append(_differs(f"quantize_affine {bits}-bit", packed, reference.quantize_affine(w, scale, shift, bits)))
+        dq = cuda._dequantize_affine_kernel(packed, scale, shift, bits)
+        ref = reference.dequantize_affine(packed, scale, shift, bits)
+        checks.append(_differs(f"dequantize_affine {bits}-bit", dq, ref))
+    return next((c for c in checks if c is not None), None)
+
+
+def _affine_params(w: torch.Tensor, group_size: int, bits: int, dtype: torch.dtype):
+    groups = w.unflatten(-1, (-1, group_size))
+    lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)
+    scale = ((hi - lo) / (2**bits - 1)).clamp_min(1e-4)
+    return scale.to(dtype), (-lo / scale).to(dtype)
+
+
+def _matmul(kind: str, device: torch.device) -> str | None:
+    gen = torch.Generator(device=device).manual_seed(1)
+    m = 3 if kind == "gemv" else cuda.GEMV_MAX_M + 5
+    w32 = torch.randn(_N, _K, device=device, generator=gen)
+    x32 = torch.randn(m, _K, device=device, generator=gen)
+    bias32 = torch.randn(_N, device=device, generator=gen)
+    checks: list[str | None] = []
+    for x_dtype in _HALF:
+        x, bias = x32.to(x_dtype), bias32.to(x_dtype)
+        for w_dtype in _Q8:
+            w_q, w_scale = reference.quantize_per_token(w32, w_dtype)
+            w_scale = w_scale.to(x_dtype)
+            out = cuda._linear_w8_kernel(kind, x, w_q, w_scale, bias)
+            truth = x.float() @ (w_q.float() * w_scale.float()).t() + bias.float()
+            checks.append(_far(f"linear_w8 {x_dtype} x {w_dtype}", out, truth))
+        for bits in (2, 4):
+            scale, shift = _affine_params(w32, 32, bits, x_dtype)
+            packed = reference.quantize_affine(w32, scale, shift, bits)
+            out = cuda._linear_affine_kernel(kind, x, packed, scale, shift, bits, bias)
+            w_ref = reference.dequantize_affine(packed, scale, shift, bits).to(x_dtype).float()
+            checks.append(_far(f"linear_affine {x_dtype} x {bits}-bit", out, x.float() @ w_ref.t() + bias.float()))
+    pairs = [(torch.int8, torch.int8)]
+    if cuda._fp8_tensor_cores(device):
+        pairs += [(a, w) for a in _FP8 for w in _FP8]
+    for x_dtype, w_dtype in pairs:
+        x_q, x_scale = reference.quantize_per_token(x32, x_dtype)
+        w_q, w_scale = reference.quantize_per_token(w32, w_dtype)
+        out = cuda._linear_a8w8_kernel(kind, x_q, x_scale, 1, w_q, w_scale, bias32, torch.bfloat16)
+        name = f"linear_a8w8 {x_dtype} x {w_dtype}"
+        if x_dtype == torch.int8:
+            expected = reference.linear_a8w8(x_q, x_scale, w_q, w_scale, bias32, torch.bfloat16)
+            checks.append(_differs(name, out, expected))
+        else:
+            truth = (x_q.float() @ w_q.float().t()) * x_scale * w_scale.t() + bias32
+            checks.append(_far(name, out, truth))
+    return next((c for c in checks if c is not None), None)
+
+
+_TESTS: dict[str, Callable[[torch.device], str | None]] = {
+    "quantize": _quantize,
+    "gemv": lambda device: _matmul("gemv", device),
+    "gemm": lambda device: _matmul("gemm", device),
+}
+
+
+def run(family: str, device: torch.device) -> str | None:
+    """Runs ``family``'s self-test on ``device``: None when every case agrees with the reference, else the first
+    disagreement. Needs the family's module loaded; must run outside CUDA-graph capture (it reads results)."""
+    return _TESTS[family](device)
