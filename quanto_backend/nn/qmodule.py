@@ -42,6 +42,8 @@ __all__ = ["ACTIVATION_SCALES", "QModuleMixin", "qmodule_class", "quantize_modul
 ACTIVATION_SCALES = ("static", "dynamic")
 
 _QMODULE_CLASSES: dict[type[nn.Module], type[QModuleMixin]] = {}
+# The keywords of init_quantization that a quantized module's constructor passes on to it.
+_QCONFIG_OPTIONS = ("group_size", "quantize_output", "activation_scales", "input_smooth")
 
 
 def register_qmodule(module_cls: type[nn.Module]):
@@ -82,6 +84,28 @@ class QModuleMixin:
     activation_qtype: QType | None
     # Whether the module quantizes its input with a static ``input_scale`` (a normalization does not).
     quantizes_input = True
+
+    def __init__(
+        self,
+        *args: Any,
+        weights: QType | str | None = None,
+        activations: QType | str | None = None,
+        optimizer=None,
+        quantize_input: bool = True,
+        device: torch.device | str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Build the torch module from ``*args`` and its own keywords (``bias``, ``dtype``...), then set up its
+        quantization: ``QLinear(in_features, out_features, bias=True, device=None, dtype=None, weights=None,
+        activations=None, optimizer=None, quantize_input=True)`` (optimum-quanto's constructor), and the same shape
+        for every quantized module. Other quantization options (``group_size``, ``quantize_output``,
+        ``activation_scales``, ``input_smooth``) are keywords too. ``quantize_input=False`` leaves the input float.
+        """
+        qconfig = {k: kwargs.pop(k) for k in _QCONFIG_OPTIONS if k in kwargs}
+        super().__init__(*args, device=device, **kwargs)
+        if not quantize_input:
+            self.quantizes_input = False
+        self.init_quantization(weights, activations, optimizer, device=device, **qconfig)
 
     def init_quantization(
         self,
@@ -127,6 +151,10 @@ class QModuleMixin:
         device = next(iter(module.parameters()), torch.empty(0)).device
         with torch.device("meta"):
             qmodule = cls.qcreate(module, **qconfig, device=device)
+        for name, buffer in qmodule._buffers.items():  # scales start at 1 and zero-points at 0, on the device
+            if buffer is not None and buffer.device.type == "meta" and device.type != "meta":
+                fill = torch.ones_like if buffer.is_floating_point() else torch.zeros_like
+                qmodule._buffers[name] = fill(buffer, device=device)
         for name, param in module.named_parameters(recurse=False):
             setattr(qmodule, name, param)
         for name, buffer in module.named_buffers(recurse=False):
@@ -172,6 +200,17 @@ class QModuleMixin:
         """Replace the float weight by its quantized storage (on ``meta``: empty storage of the right shapes)."""
         if self.weight_qtype is not None and not self.frozen:
             self.set_quantized_weight(self.weight.detach())
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A frozen state dict (quantized ``weight``, ``weight_scale``...) loaded into a module that still holds its
+        # float weight: freeze first, so that the storage has the shapes and dtypes of the checkpoint's tensors.
+        if self.weight_qtype is not None and not self.frozen and prefix + "weight_scale" in state_dict:
+            if self.weight.device.type == "meta":
+                with torch.device("meta"):
+                    self.freeze()
+            else:
+                self.freeze()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def set_quantized_weight(self, weight: torch.Tensor) -> None:
         """Quantize the float ``weight`` (on its own device) into this module's storage, which it replaces.
