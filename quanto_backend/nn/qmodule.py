@@ -132,7 +132,9 @@ class QModuleMixin:
         if self.weight_qtype is not None and self.weight_qtype.is_packed:
             group_layout(self.weight_shape[1:].numel(), group_size)  # validates group_size early
         if self.activation_qtype is not None and activation_scales == "static":
-            sides = (["input"] if self.quantizes_input else []) + (["output"] if quantize_output else [])
+            # The input scale exists wherever the class quantizes inputs, also when an instance was built with
+            # quantize_input=False (optimum-quanto's modules always carry it): calibration still records it.
+            sides = (["input"] if type(self).quantizes_input else []) + (["output"] if quantize_output else [])
             for side in sides:
                 self.register_buffer(f"{side}_scale", torch.ones((), device=device))
                 if self.activation_qtype == quint8:
@@ -241,7 +243,7 @@ class QModuleMixin:
 
     # ---- activations ---------------------------------------------------------------------------------------
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        if self.activation_qtype is None:
+        if self.activation_qtype is None or not self.quantizes_input:
             return x
         if isinstance(x, QActivation) and x.qtype_name == self.activation_qtype.name:
             return x
@@ -271,7 +273,7 @@ class QModuleMixin:
 
     def qconfig(self) -> dict[str, Any]:
         """What :func:`~quanto_backend.requantize` needs to rebuild this module's skeleton."""
-        return {
+        qconfig = {
             "weights": None if self.weight_qtype is None else self.weight_qtype.name,
             "activations": None if self.activation_qtype is None else self.activation_qtype.name,
             "group_size": self.group_size,
@@ -279,6 +281,9 @@ class QModuleMixin:
             "activation_scales": self.activation_scales,
             "input_smooth": "input_smooth" in self._buffers,
         }
+        if self.quantizes_input != type(self).quantizes_input:  # built with quantize_input=False
+            qconfig["quantize_input"] = self.quantizes_input
+        return qconfig
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, weights={self.weight_qtype}, activations={self.activation_qtype}"
