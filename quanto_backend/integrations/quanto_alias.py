@@ -83,6 +83,18 @@ class QuantoAliasConfig(QuantoConfig):
         return cls(**{k: v for k, v in fields.items() if v is not None or k == "quant_method"})
 
 
+def _checkpoint_shapes(files: list[str]) -> dict[str, list[int]]:
+    """``{tensor name: shape}`` from safetensors headers (nothing is loaded)."""
+    from safetensors import safe_open
+
+    shapes: dict[str, list[int]] = {}
+    for file in files:
+        if str(file).endswith(".safetensors"):
+            with safe_open(file, framework="pt") as f:
+                shapes.update({key: f.get_slice(key).get_shape() for key in f.keys()})
+    return shapes
+
+
 def _quanto_qmap(model: torch.nn.Module, state_dict: dict[str, Any]) -> dict[str, dict[str, str]]:
     """optimum-quanto's map for the quantized modules of ``model`` whose weight this shard holds."""
     qmap = {}
@@ -128,14 +140,26 @@ class QuantoAliasDiffusersQuantizer(QuantoDiffusersQuantizer):
         skip = list(config.modules_to_not_convert or []) + list(keep_in_fp32_modules or [])
         # The checkpoint says which modules diffusers' quanto backend quantized (its Linears, not its convs): those
         # that hold a float weight stay float.
-        keys = loading.checkpoint_keys(self._checkpoint_files)
+        shapes = _checkpoint_shapes(self._checkpoint_files)
         for name, module in model.named_modules():
-            if name and isinstance(getattr(module, "weight", None), torch.Tensor) and f"{name}.weight" in keys:
+            if name and isinstance(getattr(module, "weight", None), torch.Tensor) and f"{name}.weight" in shapes:
                 skip.append(name)
         self.modules_to_not_convert = sorted(set(skip))
         # Recorded, so that the model saved again (in this library's format) rebuilds the same skeleton.
         config.modules_to_not_convert = self.modules_to_not_convert
-        loading.replace_with_qmodules(model, config, self.modules_to_not_convert, frozen=True)
+        loading.replace_with_qmodules(model, config, self.modules_to_not_convert, frozen=False)
+        for name, module in model.named_modules():
+            if isinstance(module, QModuleMixin) and module.weight_qtype is not None:
+                # optimum-quanto picks each 2/4-bit module's group size (128, 96 or 64 inputs, or a whole row):
+                # the checkpoint's scale count says which, and the storage is built for it.
+                scale_shape = shapes.get(f"{name}.weight._scale")
+                if module.weight_qtype.is_packed and scale_shape is not None:
+                    n_scales = int(torch.Size(scale_shape).numel())
+                    out, n_inputs = module.weight_shape[0], module.weight_shape[1:].numel()
+                    if n_scales % out == 0 and n_inputs % (n_scales // out or 1) == 0:
+                        module.group_size = n_inputs // max(n_scales // out, 1)
+                with torch.device("meta"):
+                    module.freeze()
         model.config.quantization_config = config
         self._model = model  # each shard is converted against it (maybe_update_state_dict)
         return model
