@@ -67,6 +67,8 @@ def test_quantize_module_returns_a_working_qmodule():
     qlinear = quantize_module(linear, weights=qint8, activations=None, optimizer=AbsmaxOptimizer())
     assert isinstance(qlinear, QLinear) and qlinear.weight_qtype is qint8
     assert quantize_module(torch.nn.ReLU(), weights=qint8) is None
+    positional = quantize_module(torch.nn.Linear(64, 16), qint4, None, MaxOptimizer())  # optimum-quanto's order
+    assert positional.weight_qtype is qint4 and isinstance(positional.optimizer, MaxOptimizer)
 
 
 def test_module_constructors_take_quanto_keywords():

@@ -66,10 +66,21 @@ def qmodule_class(module: nn.Module) -> type[QModuleMixin] | None:
     return None
 
 
-def quantize_module(module: nn.Module, **qconfig) -> QModuleMixin | None:
-    """The quantized replacement of ``module`` (sharing its tensors), or ``None`` if it has no quantized class."""
+def quantize_module(
+    module: nn.Module,
+    weights: QType | str | None = None,
+    activations: QType | str | None = None,
+    optimizer=None,
+    **qconfig: Any,
+) -> QModuleMixin | None:
+    """The quantized replacement of ``module`` (sharing its tensors), or ``None`` if it has no quantized class.
+
+    Takes the options of :func:`~quanto_backend.quantize` (``group_size``, ``activation_scales``...) as keywords.
+    """
     qcls = qmodule_class(module)
-    return None if qcls is None else qcls.from_module(module, **qconfig)
+    if qcls is None:
+        return None
+    return qcls.from_module(module, weights=weights, activations=activations, optimizer=optimizer, **qconfig)
 
 
 class QModuleMixin:
