@@ -52,6 +52,28 @@ def test_causal_lm_helper_folders_load(name):
         assert model.lm_head.weight is model.model.embed_tokens.weight
 
 
+def test_sharded_helper_folder_loads(tmp_path):
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    source = FIXTURES / "llama_qint4"
+    for name in ("config.json", "quanto_qmap.json"):
+        shutil.copy(source / name, tmp_path / name)
+    state = load_file(source / "model.safetensors")
+    keys = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    for file, names in shards.items():
+        save_file({k: state[k] for k in names}, tmp_path / file, metadata={"format": "pt"})
+    weight_map = {k: file for file, names in shards.items() for k in names}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    model = QuantizedModelForCausalLM.from_pretrained(tmp_path)
+    io = load_file(source / "io.safetensors")
+    with torch.no_grad():
+        assert rel(model(input_ids=io["input_ids"]).logits, io["logits"]) < 1e-3
+
+
 def test_pixart_helper_folder_loads():
     model = QuantizedPixArtTransformer2DModel.from_pretrained(FIXTURES / "pixart_qint8")
     io = load_file(FIXTURES / "pixart_qint8" / "io.safetensors")
@@ -72,6 +94,31 @@ def test_diffusers_quanto_checkpoint_loads_and_saves_in_this_format(tmp_path):
     reloaded = PixArtTransformer2DModel.from_pretrained(tmp_path)
     assert reloaded.config.quantization_config.to_dict()["quant_method"] == "quanto_backend"
     assert torch.equal(pixart_sample(reloaded, io), sample)
+
+
+def test_sharded_diffusers_quanto_checkpoint_with_split_modules_loads(tmp_path):
+    import json
+    import shutil
+
+    from diffusers import PixArtTransformer2DModel
+    from safetensors.torch import save_file
+
+    source = FIXTURES / "pixart_diffusers_int8"
+    shutil.copy(source / "config.json", tmp_path / "config.json")
+    state = load_file(source / "diffusion_pytorch_model.safetensors")
+    keys = sorted(state)  # alternate keys: most modules' weight._data and weight._scale land in different shards
+    shards = {
+        "diffusion_pytorch_model-00001-of-00002.safetensors": keys[::2],
+        "diffusion_pytorch_model-00002-of-00002.safetensors": keys[1::2],
+    }
+    for file, names in shards.items():
+        save_file({k: state[k] for k in names}, tmp_path / file, metadata={"format": "pt"})
+    weight_map = {k: file for file, names in shards.items() for k in names}
+    index = {"metadata": {}, "weight_map": weight_map}
+    (tmp_path / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+    model = PixArtTransformer2DModel.from_pretrained(tmp_path)
+    io = load_file(source / "io.safetensors")
+    assert rel(pixart_sample(model, io), io["sample"]) < 1e-3
 
 
 def test_diffusers_quanto_int4_checkpoint_keeps_its_group_sizes():

@@ -95,13 +95,19 @@ def _checkpoint_shapes(files: list[str]) -> dict[str, list[int]]:
     return shapes
 
 
+def _weight_keys(module: QModuleMixin, prefix: str) -> tuple[str, ...]:
+    """The tensors optimum-quanto saves for ``module``'s quantized weight."""
+    if module.weight_qtype.is_packed:
+        return (prefix + "weight._data._data", prefix + "weight._scale", prefix + "weight._shift")
+    return (prefix + "weight._data", prefix + "weight._scale")
+
+
 def _quanto_qmap(model: torch.nn.Module, state_dict: dict[str, Any]) -> dict[str, dict[str, str]]:
-    """optimum-quanto's map for the quantized modules of ``model`` whose weight this shard holds."""
+    """optimum-quanto's map for the quantized modules of ``model`` whose weight tensors ``state_dict`` holds."""
     qmap = {}
     for name, module in model.named_modules():
         if isinstance(module, QModuleMixin) and module.weight_qtype is not None:
-            prefix = f"{name}." if name else ""
-            if prefix + "weight._data" in state_dict or prefix + "weight._data._data" in state_dict:
+            if all(key in state_dict for key in _weight_keys(module, f"{name}." if name else "")):
                 activations = module.activation_qtype
                 qmap[name] = {
                     "weights": module.weight_qtype.name,
@@ -116,6 +122,7 @@ class QuantoAliasDiffusersQuantizer(QuantoDiffusersQuantizer):
     def __init__(self, quantization_config: Any, **kwargs: Any):
         super().__init__(QuantoAliasConfig.from_config(quantization_config), **kwargs)
         self._model: torch.nn.Module | None = None
+        self._pending: dict[str, torch.Tensor] = {}  # weight tensors of modules split across shards
 
     def maybe_update_loaded_keys(self, loaded_keys: list[str], checkpoint_files: list[str]) -> list[str]:
         # The key names diffusers checks for missing and unexpected tensors: this library's.
@@ -167,7 +174,15 @@ class QuantoAliasDiffusersQuantizer(QuantoDiffusersQuantizer):
     def maybe_update_state_dict(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         if not self.pre_quantized or self._model is None:
             return state_dict
-        converted, _ = read_checkpoint(self._model, state_dict, _quanto_qmap(self._model, state_dict))
+        # A module's tensors may sit in two shards: those of a module not complete yet wait for the next shard.
+        state_dict = {**self._pending, **state_dict}
+        qmap = _quanto_qmap(self._model, state_dict)
+        complete = {k for name in qmap for k in _weight_keys(self._model.get_submodule(name), f"{name}.")}
+        self._pending = {k: v for k, v in state_dict.items() if ".weight._" in k and k not in complete}
+        state_dict = {k: v for k, v in state_dict.items() if k not in self._pending}
+        if self.quantization_config.activations is None:  # optimum-quanto saves both scales, used or not
+            state_dict = {k: v for k, v in state_dict.items() if not k.endswith((".input_scale", ".output_scale"))}
+        converted, _ = read_checkpoint(self._model, state_dict, qmap)
         return dict(converted)
 
 
