@@ -8,11 +8,35 @@ Quick start::
 """
 
 from .calibrate import Calibration
+
+# optimum-quanto's names and signatures (quantize_weight takes both its signature and this library's), and the
+# reader of its checkpoints: the compat layer, on top of everything else.
+from .compat import (
+    ActivationQBytesTensor,
+    MaxOptimizer,
+    QBitsTensor,
+    QBytesTensor,
+    WeightQBitsTensor,
+    WeightQBytesTensor,
+    absmax_scale,
+    quantize_weight,
+)
 from .integrations import QuantoConfig
 from .integrations import register as _register_with_hf
-from .nn import QConv2d, QLayerNorm, QLinear, QModuleMixin, register_qmodule
+from .nn import QConv2d, QLayerNorm, QLinear, QModuleMixin, quantize_module, register_qmodule
 from .observers import HistogramObserver, MinMaxObserver, MovingAverageMinMaxObserver, Observer
-from .qtypes import QType, qfloat8, qfloat8_e4m3fn, qfloat8_e5m2, qint2, qint4, qint8, qtypes, quint8
+from .qtypes import (
+    QType,
+    qfloat8,
+    qfloat8_e4m3fn,
+    qfloat8_e4m3fnuz,
+    qfloat8_e5m2,
+    qint2,
+    qint4,
+    qint8,
+    qtypes,
+    quint8,
+)
 from .quantize import freeze, quantization_map, quantize, requantize
 from .smooth import smooth_quant
 from .static import convert_static, insert_observers
@@ -29,7 +53,6 @@ from .tensor import (
     QTensor,
     choose_qparams,
     quantize_activation,
-    quantize_weight,
 )
 
 # Registration with transformers and diffusers happens at import: neither library discovers plugins, so a
@@ -57,6 +80,15 @@ def __getattr__(name: str):
 
 __all__ = [
     "AbsmaxOptimizer",
+    "ActivationQBytesTensor",
+    "MaxOptimizer",
+    "QBitsTensor",
+    "QBytesTensor",
+    "WeightQBitsTensor",
+    "WeightQBytesTensor",
+    "absmax_scale",
+    "qfloat8_e4m3fnuz",
+    "quantize_module",
     "AffineOptimizer",
     "AffineQActivation",
     "Calibration",

@@ -40,9 +40,10 @@ class Calibration(TorchFunctionMode):
             input and output, and the scales (and ``quint8`` zero-points) become its ``calculate_qparams()``.
             Default: the running absmax above for symmetric activations, and a
             :class:`~quanto_backend.MovingAverageMinMaxObserver` with ``momentum`` for ``quint8``.
+        debug: print each quantized module's activation scales after every call it calibrates.
     """
 
-    def __init__(self, momentum: float = 0.9, streamline: bool = True, observer=None):
+    def __init__(self, momentum: float = 0.9, streamline: bool = True, observer=None, debug: bool = False):
         super().__init__()
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
@@ -51,6 +52,7 @@ class Calibration(TorchFunctionMode):
         self.momentum = momentum
         self.streamline = streamline
         self.observer = observer
+        self.debug = debug
         self._observers: dict[tuple[int, str], Observer] = {}
         self._handles: list = []
         self._seen: set[tuple[int, str]] = set()
@@ -122,11 +124,18 @@ class Calibration(TorchFunctionMode):
         self._depth -= 1
         module._calibrating = False
         if not module.quantizes_output or not isinstance(output, torch.Tensor):
+            self._trace(module)
             return None
         self._update(module, "output_scale", output)
+        self._trace(module)
         output = module.quantize_output(output)
         self._producers[output] = module
         return output
+
+    def _trace(self, module: nn.Module) -> None:
+        if self.debug:
+            scales = {n: float(module._buffers[n]) for n in ("input_scale", "output_scale") if n in module._buffers}
+            print(f"Calibration: {type(module).__name__} {module.activation_qtype} activations, scales {scales}")
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

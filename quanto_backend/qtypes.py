@@ -15,6 +15,7 @@ __all__ = [
     "as_qtype",
     "qfloat8",
     "qfloat8_e4m3fn",
+    "qfloat8_e4m3fnuz",
     "qfloat8_e5m2",
     "qint2",
     "qint4",
@@ -69,11 +70,15 @@ qint4 = QType("qint4", 4, False, torch.uint8, 0.0, 15.0)
 qint2 = QType("qint2", 2, False, torch.uint8, 0.0, 3.0)
 qfloat8_e4m3fn = _float8("qfloat8_e4m3fn", torch.float8_e4m3fn)
 qfloat8_e5m2 = _float8("qfloat8_e5m2", torch.float8_e5m2)
+# The "fnuz" variant (no negative zero, one NaN; max 240): the float8 format of AMD Instinct GPUs.
+qfloat8_e4m3fnuz = _float8("qfloat8_e4m3fnuz", torch.float8_e4m3fnuz)
 qfloat8 = qfloat8_e4m3fn
 
-qtypes: dict[str, QType] = {q.name: q for q in (qint2, qint4, qint8, quint8, qfloat8_e4m3fn, qfloat8_e5m2)}
+_FORMATS = (qint2, qint4, qint8, quint8, qfloat8_e4m3fn, qfloat8_e4m3fnuz, qfloat8_e5m2)
+# Keyed by name, plus "qfloat8" (optimum-quanto's dict has that key too): every value is a registry singleton.
+qtypes: dict[str, QType] = {q.name: q for q in _FORMATS} | {"qfloat8": qfloat8}
 _ALIASES = {"qfloat8": qfloat8, "float8": qfloat8, "fp8": qfloat8}
-for _q in qtypes.values():
+for _q in _FORMATS:
     _ALIASES[_q.name.removeprefix("q")] = _q
 
 
@@ -85,7 +90,7 @@ def as_qtype(value: QType | str, accepted: tuple[QType, ...] | None = None, what
         accepted: restricts the answer to these qtypes (e.g. the activation formats).
         what: what the value is, for the error message (``"weights"``, ``"activations"``).
     """
-    accepted = accepted or tuple(qtypes.values())
+    accepted = accepted or _FORMATS
     if isinstance(value, QType):
         qtype = value
     elif isinstance(value, str):

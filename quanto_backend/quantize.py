@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from fnmatch import fnmatch
 from typing import Any
 
@@ -12,7 +12,35 @@ from torch import nn
 from .nn import QModuleMixin, qmodule_class, quantize_module
 from .qtypes import QType
 
-__all__ = ["freeze", "quantization_map", "quantize", "requantize"]
+__all__ = ["freeze", "quantization_map", "quantize", "read_checkpoint", "register_checkpoint_reader", "requantize"]
+
+# Readers of other libraries' checkpoints: reader(model, state_dict, qmap) returns them converted to this
+# library's format, or None when they are not its format (see quanto_backend.compat for optimum-quanto's).
+CheckpointReader = Callable[[nn.Module, Mapping[str, torch.Tensor], Mapping[str, Mapping[str, Any]]], Any]
+_CHECKPOINT_READERS: list[CheckpointReader] = []
+
+
+def register_checkpoint_reader(reader: CheckpointReader) -> CheckpointReader:
+    """Let :func:`requantize` (and every loader built on it) read another library's checkpoints.
+
+    ``reader(model, state_dict, quantization_map)`` gets the float skeleton and returns ``(state_dict,
+    quantization_map)`` in this library's format, or ``None`` when the checkpoint is not its format.
+    """
+    if reader not in _CHECKPOINT_READERS:
+        _CHECKPOINT_READERS.append(reader)
+    return reader
+
+
+def read_checkpoint(
+    model: nn.Module, state_dict: Mapping[str, torch.Tensor], quantization_map: Mapping[str, Mapping[str, Any]]
+) -> tuple[Mapping[str, torch.Tensor], Mapping[str, Mapping[str, Any]]]:
+    """``(state_dict, quantization_map)`` in this library's format: converted by the first registered reader
+    that recognizes them, unchanged when none does."""
+    for reader in _CHECKPOINT_READERS:
+        converted = reader(model, state_dict, quantization_map)
+        if converted is not None:
+            return converted
+    return state_dict, quantization_map
 
 
 def _as_patterns(patterns: str | list[str] | None, what: str) -> list[str]:
@@ -109,10 +137,14 @@ def requantize(
     """Rebuild a quantized model from a float skeleton (ideally on ``meta``), its quantization map and a
     quantized state dict, without ever materializing float weights.
 
+    Checkpoints of other libraries load too, through the readers of :func:`register_checkpoint_reader`:
+    optimum-quanto's maps (``"none"`` entries) and key names (``weight._data``, ``weight._scale``...).
+
     Raises:
         KeyError: a module of the map is missing from ``model``, or a tensor is missing from ``state_dict``.
         ValueError: a tensor of ``state_dict`` has the wrong shape or dtype.
     """
+    state_dict, quantization_map = read_checkpoint(model, state_dict, quantization_map)
     for name, qconfig in quantization_map.items():
         try:
             module = model.get_submodule(name)

@@ -7,7 +7,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "quanto_backend"
 LAYERS = [
     "qtypes", "kernels", "ops", "tensor", "nn", "observers", "quantize", "calibrate", "static", "smooth",
-    "evaluate", "integrations", "models", "cli", "data",
+    "evaluate", "integrations", "models", "compat", "cli", "data",
 ]  # fmt: skip
 
 

@@ -76,19 +76,46 @@ def save_quantized(model: nn.Module, save_directory: str | os.PathLike, write_co
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+# The weights files of folders written by optimum-quanto's model helpers (the libraries' own save_pretrained),
+# single or sharded (``<name>.index.json`` maps each tensor to its shard).
+_LIBRARY_WEIGHTS_NAMES = ("model.safetensors", "diffusion_pytorch_model.safetensors")
+
+
+def _weights_files(directory: Path) -> list[Path]:
+    if (directory / WEIGHTS_NAME).is_file():
+        return [directory / WEIGHTS_NAME]
+    for name in _LIBRARY_WEIGHTS_NAMES:
+        if (directory / name).is_file():
+            return [directory / name]
+        index = directory / f"{name}.index.json"
+        if index.is_file():
+            with open(index, encoding="utf-8") as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            return [directory / shard for shard in shards]
+    names = ", ".join((WEIGHTS_NAME, *_LIBRARY_WEIGHTS_NAMES))
+    raise FileNotFoundError(f"{directory} has no quantized weights file (looked for {names}, single or sharded)")
+
+
 def load_quantized(model: nn.Module, directory: str | os.PathLike, device: torch.device | str | None) -> nn.Module:
-    """Fill the ``meta`` skeleton ``model`` from a folder written by :func:`save_quantized`."""
+    """Fill the ``meta`` skeleton ``model`` from a folder written by :func:`save_quantized`, or by
+    optimum-quanto's model helpers (``quanto_qmap.json`` next to the library's own safetensors files)."""
     directory = Path(directory)
-    for name in (QMAP_NAME, WEIGHTS_NAME):
-        if not (directory / name).is_file():
-            raise FileNotFoundError(f"{directory} has no {name}: it was not saved by a quanto_backend model helper")
+    if not (directory / QMAP_NAME).is_file():
+        raise FileNotFoundError(f"{directory} has no {QMAP_NAME}: it was not saved by a quantized model helper")
     with open(directory / QMAP_NAME, encoding="utf-8") as f:
         qmap = json.load(f)
     state_dict = {}
-    with safe_open(directory / WEIGHTS_NAME, framework="pt", device="cpu") as f:
-        aliases = json.loads((f.metadata() or {}).get(_TIED_KEY, "{}"))
-        for key in f.keys():
-            state_dict[key] = f.get_tensor(key)
+    aliases: dict[str, str] = {}
+    for file in _weights_files(directory):
+        with safe_open(file, framework="pt", device="cpu") as f:
+            aliases.update(json.loads((f.metadata() or {}).get(_TIED_KEY, "{}")))
+            for key in f.keys():
+                state_dict[key] = f.get_tensor(key)
+    # transformers' save_pretrained leaves tied weights out (e.g. lm_head.weight tied to the input embedding).
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    for target, source in tied.items():
+        if target not in state_dict and source in state_dict and target.rpartition(".")[0] not in qmap:
+            aliases[target] = source
     for alias, kept in aliases.items():
         state_dict[alias] = state_dict[kept]
     requantize(model, state_dict, qmap, device=device)

@@ -29,8 +29,8 @@ class QConv2d(QModuleMixin, nn.Conv2d):
             bias=module.bias is not None,
             padding_mode=module.padding_mode,
             dtype=module.weight.dtype,
+            **qconfig,
         )
-        qmodule.init_quantization(**qconfig, device=device)
         return qmodule
 
     @property

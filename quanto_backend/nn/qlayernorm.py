@@ -34,8 +34,8 @@ class QLayerNorm(QModuleMixin, nn.LayerNorm):
             elementwise_affine=module.elementwise_affine,
             bias=module.bias is not None,
             dtype=None if module.weight is None else module.weight.dtype,
+            **qconfig,
         )
-        qmodule.init_quantization(**qconfig, device=device)
         return qmodule
 
     @property

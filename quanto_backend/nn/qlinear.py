@@ -19,8 +19,9 @@ class QLinear(QModuleMixin, nn.Linear):
 
     @classmethod
     def qcreate(cls, module: nn.Linear, device=None, **qconfig) -> QLinear:
-        qmodule = cls(module.in_features, module.out_features, module.bias is not None, dtype=module.weight.dtype)
-        qmodule.init_quantization(**qconfig, device=device)
+        qmodule = cls(
+            module.in_features, module.out_features, module.bias is not None, dtype=module.weight.dtype, **qconfig
+        )
         return qmodule
 
     @property

@@ -43,6 +43,8 @@ __all__ = ["ACTIVATION_SCALES", "QModuleMixin", "qmodule_class", "quantize_modul
 ACTIVATION_SCALES = ("static", "dynamic")
 
 _QMODULE_CLASSES: dict[type[nn.Module], type[QModuleMixin]] = {}
+# The keywords of init_quantization that a quantized module's constructor passes on to it.
+_QCONFIG_OPTIONS = ("group_size", "quantize_output", "activation_scales", "input_smooth")
 
 
 def register_qmodule(module_cls: type[nn.Module]):
@@ -65,10 +67,21 @@ def qmodule_class(module: nn.Module) -> type[QModuleMixin] | None:
     return None
 
 
-def quantize_module(module: nn.Module, **qconfig) -> QModuleMixin | None:
-    """The quantized replacement of ``module`` (sharing its tensors), or ``None`` if it has no quantized class."""
+def quantize_module(
+    module: nn.Module,
+    weights: QType | str | None = None,
+    activations: QType | str | None = None,
+    optimizer=None,
+    **qconfig: Any,
+) -> QModuleMixin | None:
+    """The quantized replacement of ``module`` (sharing its tensors), or ``None`` if it has no quantized class.
+
+    Takes the options of :func:`~quanto_backend.quantize` (``group_size``, ``activation_scales``...) as keywords.
+    """
     qcls = qmodule_class(module)
-    return None if qcls is None else qcls.from_module(module, **qconfig)
+    if qcls is None:
+        return None
+    return qcls.from_module(module, weights=weights, activations=activations, optimizer=optimizer, **qconfig)
 
 
 class QModuleMixin:
@@ -83,6 +96,28 @@ class QModuleMixin:
     activation_qtype: QType | None
     # Whether the module quantizes its input with a static ``input_scale`` (a normalization does not).
     quantizes_input = True
+
+    def __init__(
+        self,
+        *args: Any,
+        weights: QType | str | None = None,
+        activations: QType | str | None = None,
+        optimizer=None,
+        quantize_input: bool = True,
+        device: torch.device | str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Build the torch module from ``*args`` and its own keywords (``bias``, ``dtype``...), then set up its
+        quantization: ``QLinear(in_features, out_features, bias=True, device=None, dtype=None, weights=None,
+        activations=None, optimizer=None, quantize_input=True)`` (optimum-quanto's constructor), and the same shape
+        for every quantized module. Other quantization options (``group_size``, ``quantize_output``,
+        ``activation_scales``, ``input_smooth``) are keywords too. ``quantize_input=False`` leaves the input float.
+        """
+        qconfig = {k: kwargs.pop(k) for k in _QCONFIG_OPTIONS if k in kwargs}
+        super().__init__(*args, device=device, **kwargs)
+        if not quantize_input:
+            self.quantizes_input = False
+        self.init_quantization(weights, activations, optimizer, device=device, **qconfig)
 
     def init_quantization(
         self,
@@ -109,7 +144,9 @@ class QModuleMixin:
         if self.weight_qtype is not None and self.weight_qtype.is_packed:
             group_layout(self.weight_shape[1:].numel(), group_size)  # validates group_size early
         if self.activation_qtype is not None and activation_scales == "static":
-            sides = (["input"] if self.quantizes_input else []) + (["output"] if quantize_output else [])
+            # The input scale exists wherever the class quantizes inputs, also when an instance was built with
+            # quantize_input=False (optimum-quanto's modules always carry it): calibration still records it.
+            sides = (["input"] if type(self).quantizes_input else []) + (["output"] if quantize_output else [])
             for side in sides:
                 self.register_buffer(f"{side}_scale", torch.ones((), device=device))
                 if self.activation_qtype == quint8:
@@ -128,6 +165,10 @@ class QModuleMixin:
         device = next(iter(module.parameters()), torch.empty(0)).device
         with torch.device("meta"):
             qmodule = cls.qcreate(module, **qconfig, device=device)
+        for name, buffer in qmodule._buffers.items():  # scales start at 1 and zero-points at 0, on the device
+            if buffer is not None and buffer.device.type == "meta" and device.type != "meta":
+                fill = torch.ones_like if buffer.is_floating_point() else torch.zeros_like
+                qmodule._buffers[name] = fill(buffer, device=device)
         for name, param in module.named_parameters(recurse=False):
             setattr(qmodule, name, param)
         for name, buffer in module.named_buffers(recurse=False):
@@ -173,6 +214,17 @@ class QModuleMixin:
         """Replace the float weight by its quantized storage (on ``meta``: empty storage of the right shapes)."""
         if self.weight_qtype is not None and not self.frozen:
             self.set_quantized_weight(self.weight.detach())
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A frozen state dict (quantized ``weight``, ``weight_scale``...) loaded into a module that still holds its
+        # float weight: freeze first, so that the storage has the shapes and dtypes of the checkpoint's tensors.
+        if self.weight_qtype is not None and not self.frozen and prefix + "weight_scale" in state_dict:
+            if self.weight.device.type == "meta":
+                with torch.device("meta"):
+                    self.freeze()
+            else:
+                self.freeze()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def set_quantized_weight(self, weight: torch.Tensor) -> None:
         """Quantize the float ``weight`` (on its own device) into this module's storage, which it replaces.
@@ -221,7 +273,7 @@ class QModuleMixin:
 
     # ---- activations ---------------------------------------------------------------------------------------
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        if self.activation_qtype is None:
+        if self.activation_qtype is None or not self.quantizes_input:
             return x
         if isinstance(x, QActivation) and x.qtype_name == self.activation_qtype.name:
             return x
@@ -251,7 +303,7 @@ class QModuleMixin:
 
     def qconfig(self) -> dict[str, Any]:
         """What :func:`~quanto_backend.requantize` needs to rebuild this module's skeleton."""
-        return {
+        qconfig = {
             "weights": None if self.weight_qtype is None else self.weight_qtype.name,
             "activations": None if self.activation_qtype is None else self.activation_qtype.name,
             "group_size": self.group_size,
@@ -259,6 +311,9 @@ class QModuleMixin:
             "activation_scales": self.activation_scales,
             "input_smooth": "input_smooth" in self._buffers,
         }
+        if self.quantizes_input != type(self).quantizes_input:  # built with quantize_input=False
+            qconfig["quantize_input"] = self.quantizes_input
+        return qconfig
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, weights={self.weight_qtype}, activations={self.activation_qtype}"

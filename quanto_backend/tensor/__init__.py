@@ -12,6 +12,7 @@ from .weights import (
     PerAxisQWeight,
     group_layout,
     quantize_weight,
+    quantize_weight_with_scale,
 )
 
 __all__ = [
@@ -34,5 +35,6 @@ __all__ = [
     "qlinear",
     "quantize_activation",
     "quantize_weight",
+    "quantize_weight_with_scale",
     "register_qtensor_function",
 ]

@@ -28,6 +28,19 @@ class QActivation(QTensor):
     def _dequantize(self) -> torch.Tensor:
         return (self.qdata.float() * self.scale).to(self.dtype)
 
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        # ReLU of symmetric int8 codes is exact on the codes: the output stays quantized with the same scale, so the
+        # next quantized layer takes it as is (as optimum-quanto does, whose checkpoints are calibrated for that).
+        if (
+            func.overloadpacket is torch.ops.aten.relu
+            and type(args[0]) is QActivation
+            and args[0].qdata.dtype == torch.int8
+        ):
+            x = args[0]
+            return QActivation(torch.relu(x.qdata), x.scale, x.qtype_name, x.shape, x.dtype)
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
 
 class AffineQActivation(QActivation):
     """An activation quantized asymmetrically to uint8: ``x ~= (qdata - zero_point) * scale`` with float32

@@ -46,34 +46,79 @@ def choose_qparams(
 
 
 class AbsmaxOptimizer:
-    """Symmetric per-axis scales; all-zero rows get scale 1 so they quantize to exact zeros."""
+    """Symmetric scales ``absmax / qmax``; all-zero slices get scale 1 so they quantize to exact zeros.
 
-    def __call__(self, w: torch.Tensor, qtype: QType, axis: int | None = 0) -> torch.Tensor:
-        w = w.float()
+    Called as ``optimizer(base, qtype, axis)`` (optimum-quanto's signature): ``axis=None`` gives one scale for the
+    whole tensor (0-dim), an int keeps that axis (``[out, 1, ...]`` for ``axis=0``). The scale has ``base``'s dtype.
+    """
+
+    def __call__(self, base: torch.Tensor, qtype: QType, axis: int | None = None) -> torch.Tensor:
+        w = base.float()
+        if axis is not None and base.ndim > 0 and base.shape[axis] == 1:
+            axis = None  # one slice along the axis: the same as per-tensor
         if axis is None:
             absmax = w.abs().amax()
         else:
             dims = [d for d in range(w.ndim) if d != axis % w.ndim]
             absmax = w.abs().amax(dim=dims, keepdim=True)
         scale = absmax / qtype.qmax
-        return torch.where(absmax > 0, scale, torch.ones_like(scale))
+        return torch.where(absmax > 0, scale, torch.ones_like(scale)).to(base.dtype)
 
 
 class AffineOptimizer:
-    """Base of the optimizers for the affine group-wise formats.
+    """Base of the optimizers for the affine group-wise formats; subclasses implement :meth:`optimize`.
 
-    ``__call__`` takes the weight grouped as ``[..., n_groups, group_size]`` and returns ``(scale, shift)``,
-    each ``[..., n_groups]`` in float32. Subclasses plug in by overriding ``__call__``.
+    Two ways to call one:
+
+    * ``optimizer(groups, qtype)``: ``groups`` is the weight grouped as ``[..., n_groups, group_size]``; returns
+      this library's ``(scale, shift)``, each ``[..., n_groups]`` float32, with ``w ~= (q - shift) * scale``.
+    * ``optimizer(base, qtype, axis, group_size)`` (optimum-quanto's signature): ``base`` is the weight
+      ``[out, ...]``, ``axis`` must be 0 (output channels), ``group_size=None`` means one group per output
+      channel. Returns optimum-quanto's ``(scale, shift)`` in ``base``'s dtype, shaped ``[n_groups_total, 1]``
+      (``[out, 1, ...]`` without groups), with ``w ~= q * scale - shift``; ``zeropoint=True`` returns the shift as
+      uint8 codes instead (``w ~= (q - shift) * scale``). Both feed ``quantize_weight(base, qtype, axis, scale,
+      shift, group_size)``.
     """
 
-    def __call__(self, groups: torch.Tensor, qtype: QType) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self,
+        base: torch.Tensor,
+        qtype: QType,
+        axis: int | None = None,
+        group_size: int | None = None,
+        zeropoint: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if axis is None and group_size is None and not zeropoint:
+            return self.optimize(base, qtype)
+        if axis not in (0, -1):
+            raise ValueError(f"axis must be 0 (first axis) or -1 (last axis), got {axis!r}")
+        if axis == -1:
+            raise ValueError(
+                "axis=-1 is not supported: quanto_backend quantizes weights along axis 0 (one scale per output "
+                "channel); quantize the transposed weight instead"
+            )
+        flat = base.reshape(base.shape[0], -1)
+        size = flat.shape[1] if group_size is None else group_size
+        if not isinstance(size, int) or size <= 0 or flat.shape[1] % size:
+            raise ValueError(
+                f"group_size must divide the {flat.shape[1]} inputs per output channel, got {group_size!r}"
+            )
+        scale, shift = self.optimize(flat.unflatten(1, (-1, size)), qtype)
+        shape = (-1, 1) if group_size is not None else (base.shape[0], *([1] * (base.ndim - 1)))
+        if zeropoint:
+            codes = shift.round().clamp(qtype.qmin, qtype.qmax).to(torch.uint8)
+            return scale.to(base.dtype).reshape(shape), codes.reshape(shape)
+        return scale.to(base.dtype).reshape(shape), (shift * scale).to(base.dtype).reshape(shape)
+
+    def optimize(self, groups: torch.Tensor, qtype: QType) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scale, shift)`` of ``groups`` ``[..., n_groups, group_size]``, each ``[..., n_groups]`` float32."""
         raise NotImplementedError
 
 
 class MinMaxOptimizer(AffineOptimizer):
     """Maps each group's ``[min, max]`` onto the code range ``[0, qmax]``."""
 
-    def __call__(self, groups: torch.Tensor, qtype: QType) -> tuple[torch.Tensor, torch.Tensor]:
+    def optimize(self, groups: torch.Tensor, qtype: QType) -> tuple[torch.Tensor, torch.Tensor]:
         groups = groups.float()
         wmin, wmax = groups.amin(dim=-1), groups.amax(dim=-1)
         # A constant group (all zeros included) gets scale |value| (or 1) and lands exactly on code 0.
@@ -99,30 +144,47 @@ class HqqOptimizer(AffineOptimizer):
         beta, kappa: the penalty weight of the half-quadratic split and its growth per step.
         tolerance: stop when a step improves the mean squared error by less than this fraction (0: only once a
             step improves nothing).
+        iters: optimum-quanto's name for ``iterations`` (give one or the other).
+        verbose: print the mean squared error before the refinement and after each step.
     """
 
     def __init__(
         self,
-        iterations: int = 20,
+        iterations: int | None = None,
         lp_norm: float = 0.7,
         beta: float = 10.0,
         kappa: float = 1.01,
         tolerance: float = 2e-3,
+        iters: int | None = None,
+        verbose: bool = False,
     ):
+        if iterations is not None and iters is not None and iterations != iters:
+            raise ValueError(f"Give iterations or iters, not both (got {iterations!r} and {iters!r})")
+        iterations = next((n for n in (iterations, iters) if n is not None), 20)
+        if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 0:
+            raise ValueError(f"iterations must be a non-negative int, got {iterations!r}")
         self.iterations = iterations
+        self.verbose = verbose
         self.lp_norm = lp_norm
         self.beta = beta
         self.kappa = kappa
         self.tolerance = tolerance
 
-    def __call__(self, groups: torch.Tensor, qtype: QType) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def iters(self) -> int:
+        """optimum-quanto's name for :attr:`iterations`."""
+        return self.iterations
+
+    def optimize(self, groups: torch.Tensor, qtype: QType) -> tuple[torch.Tensor, torch.Tensor]:
         w = groups.float()
-        scale, shift = MinMaxOptimizer()(w, qtype)
+        scale, shift = MinMaxOptimizer().optimize(w, qtype)
         codes, residual, error = self._quantize(w, scale, shift, qtype)
         best_scale, best_shift, best_error = scale, shift, error
         mean_error = best_error.mean().item()
+        if self.verbose:
+            print(f"HQQ start error: {mean_error:.6g}")
         beta = self.beta
-        for _ in range(self.iterations):
+        for step in range(self.iterations):
             scale, shift = self._fit(codes, self._target(w, residual, beta), scale)
             beta *= self.kappa
             codes, residual, error = self._quantize(w, scale, shift, qtype)
@@ -131,6 +193,8 @@ class HqqOptimizer(AffineOptimizer):
             best_shift = torch.where(improved, shift, best_shift)
             best_error = torch.minimum(error, best_error)
             previous, mean_error = mean_error, best_error.mean().item()
+            if self.verbose:
+                print(f"HQQ error at step {step}: {mean_error:.6g}")
             if previous - mean_error <= self.tolerance * previous:
                 break
         return best_scale, best_shift

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from ..qtypes import QType, as_qtype, qfloat8_e4m3fn, qfloat8_e5m2, qint2, qint4, qint8, quint8
+from ..qtypes import QType, as_qtype, qfloat8_e4m3fn, qfloat8_e4m3fnuz, qfloat8_e5m2, qint2, qint4, qint8, quint8
 from .optimizers import AbsmaxOptimizer, AffineOptimizer, HqqOptimizer, MinMaxOptimizer, as_optimizer, choose_qparams
 from .qtensor import QTensor
 
@@ -17,9 +17,10 @@ __all__ = [
     "WEIGHT_QTYPES",
     "group_layout",
     "quantize_weight",
+    "quantize_weight_with_scale",
 ]
 
-WEIGHT_QTYPES = (qint2, qint4, qint8, quint8, qfloat8_e4m3fn, qfloat8_e5m2)
+WEIGHT_QTYPES = (qint2, qint4, qint8, quint8, qfloat8_e4m3fn, qfloat8_e4m3fnuz, qfloat8_e5m2)
 DEFAULT_GROUP_SIZE = 128
 # Kernels read whole bytes of packed codes and vectorise along the input dimension: groups are multiples of 8.
 GROUP_SIZE_MULTIPLE = 8
@@ -152,3 +153,94 @@ def _quantize_per_axis_affine(weight: torch.Tensor, qtype: QType, optimizer) -> 
     scale, shift = scale.to(weight.dtype), zero_point.to(weight.dtype)
     data = ops.quantize_asymmetric(flat, scale, shift)
     return PerAxisAffineQWeight(data, scale, shift, qtype, weight.shape, weight.dtype)
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Quantization with given parameters; the gradient passes straight through to the float weight."""
+
+    @staticmethod
+    def forward(ctx, weight, qtype, scale, shift, group_size):
+        return _quantize_with_scale(weight, qtype, scale, shift, group_size)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None, None, None
+
+
+def quantize_weight_with_scale(
+    weight: torch.Tensor,
+    qtype: QType | str,
+    axis: int | None,
+    scale: torch.Tensor,
+    shift: torch.Tensor | None = None,
+    group_size: int | None = None,
+) -> PerAxisQWeight | GroupedQWeight:
+    """Quantize ``weight`` with parameters chosen elsewhere, in optimum-quanto's convention.
+
+    The result keeps ``weight.requires_grad``: the gradient of anything computed from it flows straight through
+    to ``weight`` (quantization-aware training).
+
+    Args:
+        weight: the float weight ``[out, in, ...]``.
+        qtype: ``qint8``/``qfloat8*`` (``scale`` only) or ``qint4``/``qint2`` (``scale`` and ``shift``).
+        axis: 0 (one scale per output channel), or ``None`` with a single scale for the whole 8-bit weight.
+            The last axis (-1) is not supported: weights are always quantized along their output channels.
+        scale: ``[out, 1, ...]`` (8-bit), or ``[out * n_groups, 1]`` with ``group_size`` (``[out, 1, ...]`` without).
+        shift: 2/4-bit only: a float shift with ``w ~= q * scale - shift``, or uint8/int zero-points with
+            ``w ~= (q - shift) * scale``; shaped like ``scale``.
+        group_size: inputs per group of the 2/4-bit formats (``None``: one group per output channel).
+    """
+    qtype = as_qtype(qtype, WEIGHT_QTYPES, "weights")
+    if axis not in (0, None):
+        raise ValueError(
+            f"axis must be 0 (or None for a per-tensor 8-bit scale), got {axis!r}: quanto_backend quantizes weights "
+            "along axis 0 only; quantize the transposed weight instead"
+        )
+    if not weight.is_floating_point() or weight.ndim < 2:
+        raise ValueError(
+            f"quantize_weight needs a floating point weight [out, in, ...], got {weight.dtype} {tuple(weight.shape)}"
+        )
+    if qtype is quint8:
+        raise ValueError("quint8 weights choose their own scale and zero-point: use quantize_weight(w, quint8)")
+    if qtype.is_packed:
+        if shift is None:
+            raise ValueError(f"{qtype} weights need a shift as well as a scale")
+    elif shift is not None or group_size is not None:
+        raise ValueError(f"{qtype} weights take a scale only: shift and group_size are for qint4/qint2")
+    if torch.is_grad_enabled() and weight.requires_grad:
+        return _StraightThrough.apply(weight, qtype, scale, shift, group_size)
+    return _quantize_with_scale(weight, qtype, scale, shift, group_size)
+
+
+def _quantize_with_scale(weight, qtype, scale, shift, group_size):
+    out = weight.shape[0]
+    per_axis_shape = (out, *([1] * (weight.ndim - 1)))
+    if not qtype.is_packed:
+        if scale.numel() == 1:
+            scale = scale.reshape([1] * weight.ndim).expand(per_axis_shape)
+        if tuple(scale.shape) != per_axis_shape:
+            raise ValueError(
+                f"scale of shape {tuple(scale.shape)} given for a weight {tuple(weight.shape)} "
+                f"quantized along axis 0: expected {per_axis_shape}"
+            )
+        scale = scale.detach().to(weight.dtype).contiguous()
+        data = ops.quantize_symmetric(weight.detach(), scale, qtype.dtype)
+        return PerAxisQWeight(data, scale, qtype, 0, weight.shape, weight.dtype)
+    flat = weight.detach().reshape(out, -1)
+    size = flat.shape[1] if group_size is None else group_size
+    if group_layout(flat.shape[1], size) != (size, flat.shape[1]):
+        raise ValueError(
+            f"group_size {size} does not fit {flat.shape[1]} inputs: groups must be a multiple of "
+            f"{GROUP_SIZE_MULTIPLE} that divides the inputs of an output channel"
+        )
+    n_groups = flat.shape[1] // size
+    for name, t in (("scale", scale), ("shift", shift)):
+        if t.numel() != out * n_groups:
+            raise ValueError(f"{name} has {t.numel()} values; {out} outputs x {n_groups} groups need {out * n_groups}")
+    scale = scale.detach().reshape(out, n_groups).float()
+    shift = shift.detach().reshape(out, n_groups)
+    # optimum-quanto's float shift is in the weight's units (w ~= q * scale - shift); this library's is in codes.
+    shift = shift.float() / scale if shift.is_floating_point() else shift.float()
+    scale, shift = scale.to(weight.dtype), shift.to(weight.dtype)
+    data = ops.quantize_affine(flat, scale, shift, qtype.bits)
+    return GroupedQWeight(data, scale, shift, qtype, size, weight.shape, weight.dtype)
