@@ -105,7 +105,7 @@ def run(shapes, rows_list, threads: int, dtypes) -> dict:
                     break
                 crossover = t["rows"]
             bound = (
-                cpu.A8W8_INT8PACK_MAX_ROWS.get(cpu.cpu_capability(), 0)
+                min(cpu.a8w8_kernel_max_rows(), max(rows_list))
                 if name == "w8a8"
                 else cpu.kernel_max_rows(out_features, in_features, bits, dtype)
             )

@@ -47,7 +47,7 @@ def test_safetensors_reload_of_w8a8_is_aligned_once_and_takes_the_kernel(tmp_pat
     reloaded = requantize(skeleton, loaded, json.loads(json.dumps(quantization_map(model))))
     assert all(reloaded[i].weight.data_ptr() % cpu.ALIGNMENT == 0 for i in (0, 2))
 
-    rows = max(1, cpu.A8W8_INT8PACK_MAX_ROWS.get(cpu.cpu_capability(), 1))  # within the int8pack kernel's rows
+    rows = max(1, min(4, cpu.a8w8_kernel_max_rows()))  # within the int8pack kernel's rows where it has any
     x = torch.randn(rows, 256)
     with torch.no_grad():
         expected = model(x).dequantize()
@@ -56,7 +56,7 @@ def test_safetensors_reload_of_w8a8_is_aligned_once_and_takes_the_kernel(tmp_pat
     monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda *a: calls.append(1) or kernel(*a))
     with torch.no_grad():
         assert torch.equal(reloaded(x).dequantize(), expected)
-    assert len(calls) == (2 if cpu.INT8PACK.holds() and cpu.A8W8_INT8PACK_MAX_ROWS.get(cpu.cpu_capability()) else 0)
+    assert len(calls) == (2 if cpu.INT8PACK.holds() and rows <= cpu.a8w8_kernel_max_rows() else 0)
 
 
 def test_load_state_dict_with_assign_aligns_the_assigned_storage():
@@ -92,11 +92,12 @@ def test_a_misaligned_weight_given_directly_is_not_trusted(monkeypatch):
 
 def test_an_unmeasured_cpu_capability_takes_the_reference(monkeypatch):
     monkeypatch.setattr(cpu, "cpu_capability", lambda: "DEFAULT")
-    for name in ("_weight_int8pack_mm", "_weight_int4pack_mm_for_cpu"):
+    for name in ("_weight_int8pack_mm", "_weight_int4pack_mm_for_cpu", "_int_mm"):
         monkeypatch.setattr(torch, name, lambda *a, _n=name: pytest.fail(f"{_n} called on an unmeasured CPU"))
-    model = nn.Sequential(nn.Linear(256, 64), nn.Linear(64, 32))
+    model = nn.Sequential(nn.Linear(256, 64), nn.Linear(64, 64), nn.Linear(64, 32))
     quantize(model[0:1], weights="int8")
     quantize(model[1:2], weights="int4", group_size=32)
+    quantize(model[2:3], weights="int8", activations="int8", activation_scales="dynamic")
     freeze(model)
     with torch.no_grad():
         out = model(torch.randn(3, 256, dtype=torch.float32))

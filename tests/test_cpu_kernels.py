@@ -126,13 +126,14 @@ def test_linear_a8w8(spy, shape, per_token, m, out_dtype):
         x_scale = x_scale.amax()
     bias = torch.randn(out_features).to(out_dtype)
     out = ops.linear_a8w8(x_q, x_scale, weight, w_scale, bias, out_dtype)
-    fast = int8pack_takes(in_features) and m <= cpu.A8W8_INT8PACK_MAX_ROWS.get(cpu.cpu_capability(), 0)
-    assert spy.calls["_weight_int8pack_mm"] == int(fast) and spy.calls["_int_mm"] == int(not fast)
+    fast = int8pack_takes(in_features) and m <= cpu.a8w8_kernel_max_rows()
+    int_mm = not fast and cpu.INT_MM.holds()
+    assert spy.calls["_weight_int8pack_mm"] == int(fast) and spy.calls["_int_mm"] == int(int_mm)
     expected = reference.linear_a8w8(x_q, x_scale, weight, w_scale, bias, out_dtype)
     if fast:
         check(out, expected, fast)
     else:
-        assert torch.equal(out, expected)  # exact int32 sums, scaled in the reference's order
+        assert torch.equal(out, expected)  # _int_mm: exact int32 sums, scaled in the reference's order
 
 
 def test_linear_a8w8_float8_takes_the_reference(spy):

@@ -225,6 +225,7 @@ class QModuleMixin:
             else:
                 self.freeze()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.align_storage()  # with assign=True the module now holds the checkpoint's own tensors
 
     def set_quantized_weight(self, weight: torch.Tensor) -> None:
         """Quantize the float ``weight`` (on its own device) into this module's storage, which it replaces.
@@ -256,10 +257,6 @@ class QModuleMixin:
             storage = aligned(param.detach())
             if storage.data_ptr() != param.data_ptr():
                 self._parameters[name] = nn.Parameter(storage, requires_grad=False)
-
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        super()._load_from_state_dict(*args, **kwargs)
-        self.align_storage()  # with assign=True the module now holds the checkpoint's own tensors
 
     def _train_weight(self) -> torch.Tensor:
         """The float weight, fake-quantized with a straight-through gradient (quantization-aware training)."""

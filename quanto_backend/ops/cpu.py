@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +36,17 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from . import library, reference
 
-__all__ = ["INT4_GROUP_SIZES", "INT4PACK", "INT8PACK", "KernelContract", "aligned", "clear_cache", "kernel_max_rows"]
+__all__ = [
+    "INT4PACK",
+    "INT4_GROUP_SIZES",
+    "INT8PACK",
+    "INT_MM",
+    "KernelContract",
+    "a8w8_kernel_max_rows",
+    "aligned",
+    "clear_cache",
+    "kernel_max_rows",
+]
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts
 _CAST_DTYPES = (torch.float32, torch.float16)
@@ -132,10 +143,18 @@ _ROW_BOUNDS: dict[str, dict[tuple[int, torch.dtype], RowBound]] = {
 }
 
 
-# int8 x int8: rows up to which _weight_int8pack_mm (bfloat16-rounded output) beats torch._int_mm (exact); beyond,
-# and on any other capability, _int_mm, whose CPU path bench/cpu_contracts.py found exact at every shape and storage
-# offset probed.
-A8W8_INT8PACK_MAX_ROWS: dict[str, int] = {"AVX2": 4, "AVX512": 4}
+# torch._int_mm (oneDNN's int8 GEMM, VNNI/AMX where the CPU has them): exact int32 sums at every shape, row count and
+# storage offset bench/cpu_contracts.py probed on AVX512. Not measured on AVX2: int8 x int8 keeps the int8pack
+# kernel there.
+INT_MM = KernelContract(frozenset({"AVX512"}), in_multiple=1, out_multiple=1, alignment=1)
+# int8 x int8: rows up to which _weight_int8pack_mm (bfloat16-rounded output) beats torch._int_mm (exact), where
+# INT_MM holds; bench/cpu_dispatch.py measures it.
+A8W8_INT8PACK_MAX_ROWS: dict[str, int] = {"AVX512": 4}
+
+
+def a8w8_kernel_max_rows() -> int:
+    """Rows of int8 x int8 up to which ``_weight_int8pack_mm`` runs; beyond, ``torch._int_mm`` (where it holds)."""
+    return A8W8_INT8PACK_MAX_ROWS.get(cpu_capability(), 0) if INT_MM.holds() else sys.maxsize
 
 
 def kernel_max_rows(out_features: int, in_features: int, bits: int, dtype: torch.dtype = torch.float32) -> int:
@@ -245,9 +264,11 @@ def _linear_a8w8(
     if x_q.dtype != torch.int8 or not _int8_weight(x_q, weight, weight_scale) or rows == 0:
         return reference.linear_a8w8(x_q, x_scale, weight, weight_scale, bias, out_dtype)
     x2d = x_q.reshape(rows, x_q.shape[-1])
-    if rows > A8W8_INT8PACK_MAX_ROWS.get(cpu_capability(), 0) or not INT8PACK.admits_weight(weight):
-        # Exact int32 sums (what the float64 reference computes), on oneDNN's VNNI/AMX int8 GEMM.
-        acc = torch._int_mm(x2d, weight.t()).float()
+    int8pack = INT8PACK.admits_weight(weight) and rows <= a8w8_kernel_max_rows()
+    if INT_MM.holds() and not int8pack:
+        acc = torch._int_mm(x2d, weight.t()).float()  # exact: what the float64 reference computes
+    elif not int8pack:
+        return reference.linear_a8w8(x_q, x_scale, weight, weight_scale, bias, out_dtype)
     else:
         # |codes| <= 128: exact in bfloat16 (a fresh tensor, so contiguous and aligned); the kernel sums in float32
         # and rounds its output to bfloat16.
