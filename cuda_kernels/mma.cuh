@@ -40,45 +40,13 @@ using Acc = typename Select<AF == DT_I8, int, float>::type;
 // c += a * b on tensor cores: m16n8k16 for 16-bit activations, m16n8k32 for 8-bit ones.
 template <int AF, int WF>
 QB_DEV void mma(Acc<AF>* c, const u32* a, u32 b0, u32 b1) {
-    if constexpr (AF == DT_BF16) {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-            "{%0,%1,%2,%3};\n"
-            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    } else if constexpr (AF == DT_F16) {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-            "{%0,%1,%2,%3};\n"
-            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    const u32 b[2] = {b0, b1};
+    if constexpr (AF == DT_BF16 || AF == DT_F16) {
+        ptx_mma_m16n8k16_f32<AF == DT_BF16>(c, a, b);
     } else if constexpr (AF == DT_I8) {
-        asm volatile(
-            "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-            "{%0,%1,%2,%3};\n"
-            : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+        ptx_mma_m16n8k32_s32_s8(c, a, b);
     } else {
-#if __CUDA_ARCH__ >= 890
-#define QB_MMA_FP8(ATYPE, BTYPE)                                                                         \
-    asm volatile("mma.sync.aligned.m16n8k32.row.col.f32." ATYPE "." BTYPE                                \
-                 ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"                           \
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                         \
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1))
-        if constexpr (AF == DT_E4M3 && WF == DT_E4M3) {
-            QB_MMA_FP8("e4m3", "e4m3");
-        } else if constexpr (AF == DT_E4M3 && WF == DT_E5M2) {
-            QB_MMA_FP8("e4m3", "e5m2");
-        } else if constexpr (AF == DT_E5M2 && WF == DT_E4M3) {
-            QB_MMA_FP8("e5m2", "e4m3");
-        } else {
-            QB_MMA_FP8("e5m2", "e5m2");
-        }
-#undef QB_MMA_FP8
-#else
-        // float8 tensor cores need sm_89; the Python side never launches these kernels on older GPUs.
-        __trap();
-#endif
+        ptx_mma_m16n8k32_f32_f8<AF == DT_E5M2, WF == DT_E5M2>(c, a, b);
     }
 }
 
