@@ -8,8 +8,10 @@ to a cubin, read whole with ``nvrtcGetCUBINSize`` (CuPy's ``getCUBIN`` drops the
 Main loop of a GEMV/GEMM: the largest backward branch of the kernel. Its *hot* instructions are those of the loop
 body minus the slow-path blocks (a block that calls an out-of-line bounds-checked load, and the block its call
 returns to), i.e. the instructions a warp issues per iteration when every load is in bounds and aligned. The
-weight bytes one iteration consumes per warp are known from the kernel's design (``weight_bytes_per_iteration``);
-the script checks them against the 16-byte global loads it finds in the loop (which also reveals an unroll).
+weight bytes one iteration consumes per warp follow from the kernel's design and the 16-byte global loads found in
+the loop (``gemv_loop_shape``, ``gemm_loop_shape``: which loop it is, how many steps an iteration runs). The GEMV
+has three: the unchecked loop for M <= 8 (the decode case, the headline numbers), the unchecked loop for
+8 < M <= 16, and the bounds-checked loop (tails, unaligned tensors); each is in the JSON.
 
 Issue-ceiling model (a bound, not a prediction): a decode GEMV streams each weight byte once, and an SM issues at
 most one warp instruction per cycle per scheduler. With the H100 SXM's 132 SMs x 4 schedulers at its 1.98 GHz
@@ -38,7 +40,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from quanto_backend.kernels import loader
@@ -68,6 +70,8 @@ class KernelReport:
     instructions_per_512_weight_bytes: float | None = None
     instructions_per_weight_byte: float | None = None
     issue_ceiling_pct_of_h100_hbm: float | None = None
+    main_loop: str | None = None
+    loops: list[dict] = field(default_factory=list)
 
 
 # --- tools -----------------------------------------------------------------------------------------------------
@@ -194,55 +198,94 @@ def _branch_target(ins: Instruction) -> int | None:
     return int(m.group(1), 16) if m else None
 
 
-def main_loop(code: list[Instruction]) -> tuple[list[Instruction], list[Instruction]] | None:
-    """(loop body, its hot part) of the largest backward branch, or None for straight-line code."""
-    best = None
+@dataclass
+class Loop:
+    body: list[Instruction]
+    hot: list[Instruction]
+    calls: bool  # the loop calls an out-of-line (bounds-checked) load: the checked loop
+    wide_loads: int  # 16-byte global loads on the hot path
+
+
+def find_loops(code: list[Instruction]) -> list[Loop]:
+    """The innermost loops (backward branches whose body holds no other loop), with their hot instructions."""
+    ranges = []
     for i, ins in enumerate(code):
         if ins.opcode == "BRA":
             target = _branch_target(ins)
             if target is not None and target < ins.address:
-                start = next(j for j, x in enumerate(code) if x.address >= target)
-                if best is None or i - start > best[1] - best[0]:
-                    best = (start, i)
-    if best is None:
-        return None
-    body = code[best[0] : best[1] + 1]
-    # Basic blocks: split at branch targets and after branches/calls.
-    targets = {t for x in body if (t := _branch_target(x)) is not None}
-    blocks, block = [], []
-    for ins in body:
-        if ins.address in targets and block:
+                ranges.append((next(j for j, x in enumerate(code) if x.address >= target), i))
+    innermost = [r for r in ranges if not any(o != r and r[0] <= o[0] and o[1] <= r[1] for o in ranges)]
+    loops = []
+    for start, end in innermost:
+        body = code[start : end + 1]
+        # Basic blocks: split at branch targets and after branches/calls.
+        targets = {t for x in body if (t := _branch_target(x)) is not None}
+        blocks, block = [], []
+        for ins in body:
+            if ins.address in targets and block:
+                blocks.append(block)
+                block = []
+            block.append(ins)
+            if ins.opcode.startswith(("BRA", "CALL", "EXIT", "RET")):
+                blocks.append(block)
+                block = []
+        if block:
             blocks.append(block)
-            block = []
-        block.append(ins)
-        if ins.opcode in ("BRA", "CALL.REL.NOINC", "CALL.REL", "EXIT", "RET.REL.NODEC"):
-            blocks.append(block)
-            block = []
-    if block:
-        blocks.append(block)
-    cold = set()
-    for b, blk in enumerate(blocks):
-        if any(x.opcode.startswith("CALL") for x in blk):
-            cold.add(b)
-            if b + 1 < len(blocks):
-                cold.add(b + 1)  # where the call returns: moves its results, then jumps back to the hot path
-    hot = [x for b, blk in enumerate(blocks) if b not in cold for x in blk if x.opcode != "NOP"]
-    return body, hot
+        cold = set()
+        for b, blk in enumerate(blocks):
+            if any(x.opcode.startswith("CALL") for x in blk):
+                cold.add(b)
+                if b + 1 < len(blocks):
+                    cold.add(b + 1)  # where the call returns: moves its results, then jumps back to the hot path
+        hot = [x for b, blk in enumerate(blocks) if b not in cold for x in blk if x.opcode != "NOP"]
+        calls = any(x.opcode.startswith("CALL") for x in body)
+        wide = sum(bool(re.match(r"LDG\.E\.(128|ENL2\.256)", x.opcode)) for x in hot)
+        loops.append(Loop(body, hot, calls, wide))
+    return loops
 
 
-def weight_bytes_per_iteration(kind: str, act: int, weight: int) -> tuple[int, int]:
-    """(weight bytes one iteration of the main loop consumes per warp, 16-byte global loads it issues per lane),
-    from the design of gemv.cu / gemm.cu."""
+def gemv_loop_shape(loop: Loop, act: int, weight: int) -> tuple[str, int]:
+    """(which GEMV loop this is, warp steps per iteration), from its 16-byte loads and the design of gemv.cu:
+    a step loads 16 weight bytes per lane and, per 16 bytes of activation values, one row-g chunk plus one
+    row-(g+8) chunk when M > 8 (the checked loop always loads both). The unchecked loop runs 2 steps at a time."""
     bits = {loader.U4_CODE: 4, loader.U2_CODE: 2}.get(weight, 8)
     act_bytes = 2 if act in (_F16, _BF16) else 1
+    chunks = (128 // bits) * act_bytes // 16
+    if loop.calls:
+        per_step, kind = 1 + 2 * chunks, "checked"
+    else:
+        for rows, kind in ((1, "unchecked, M <= 8"), (2, "unchecked, M > 8")):
+            if loop.wide_loads == 2 * (1 + rows * chunks):
+                return kind, 2
+        raise RuntimeError(f"an unchecked GEMV loop with {loop.wide_loads} 16-byte loads fits no known shape")
+    if loop.wide_loads == 0 or loop.wide_loads % per_step:
+        raise RuntimeError(f"a checked GEMV loop with {loop.wide_loads} 16-byte loads, not a multiple of {per_step}")
+    return kind, loop.wide_loads // per_step
+
+
+def gemm_loop_shape(loop: Loop, act: int, weight: int) -> tuple[str, int]:
+    """A 128 x 128 x (64 bytes of activations) tile per iteration: per thread 2 16-byte chunks of A, and 2 of B
+    (8-bit activations) or 16 weight values of B (16 bytes for 8-bit weights, less for 2/4-bit ones)."""
+    bits = {loader.U4_CODE: 4, loader.U2_CODE: 2}.get(weight, 8)
+    per_tile = 4 if act not in (_F16, _BF16) else 2 + (bits == 8)
+    if loop.wide_loads == 0 or loop.wide_loads % per_tile:
+        raise RuntimeError(f"a GEMM loop with {loop.wide_loads} 16-byte loads, not a multiple of {per_tile}")
+    return "k-tile", loop.wide_loads // per_tile
+
+
+def weight_bytes_per_step(kind: str, act: int, weight: int) -> int:
+    """Weight bytes per warp per GEMV step (16 per lane) or per GEMM k-tile (128 rows x 64 activation bytes'
+    worth of weight values, over 8 warps)."""
     if kind == "gemv":
-        # A step: 16 weight bytes per lane; its values meet 2 activation rows of 16 bytes per 16 activation bytes.
-        seg = 128 // bits
-        return 32 * 16, 1 + 2 * (seg * act_bytes // 16)
-    # A 128 x 128 x (64 bytes of activations) tile, over 8 warps; per thread 2 16-byte chunks of A, and 2 of B
-    # (8-bit activations) or 16 weight values of B (16 bytes for 8-bit weights, less for 2/4-bit ones).
-    kt = 64 // act_bytes
-    return 128 * kt * bits // 8 // 8, 4 if act_bytes == 1 else 2 + (bits == 8)
+        return 32 * 16
+    bits = {loader.U4_CODE: 4, loader.U2_CODE: 2}.get(weight, 8)
+    act_bytes = 2 if act in (_F16, _BF16) else 1
+    return 128 * (64 // act_bytes) * bits // 8 // 8
+
+
+def ceiling_pct(weight_bytes: int, instructions: int) -> float:
+    rate = H100_SMS * SCHEDULERS_PER_SM * H100_MAX_CLOCK_HZ * weight_bytes / instructions
+    return round(100 * rate / H100_HBM_BYTES_PER_S, 1)
 
 
 # --- report ----------------------------------------------------------------------------------------------------
@@ -274,26 +317,30 @@ def analyse(arch: int = 90) -> list[KernelReport]:
                 local_memory_instructions=sum(x.opcode.startswith(("LDL", "STL")) for x in code),
             )
             m = re.fullmatch(r"qb_(gemv|gemm)<(\d+), (\d+)>", entry)
-            loop = main_loop(code) if m else None
-            if m and loop:
+            if m:
                 kind, act, weight = m.group(1), int(m.group(2)), int(m.group(3))
-                body, hot = loop
-                step_bytes, wide_loads = weight_bytes_per_iteration(kind, act, weight)
-                found = sum(bool(re.match(r"LDG\.E\.(128|ENL2\.256)", x.opcode)) for x in hot)
-                unroll = found // wide_loads if found % wide_loads == 0 and found else None
-                if unroll is None:
-                    raise RuntimeError(
-                        f"{entry}: {found} 16-byte loads in the main loop, not a multiple of the {wide_loads} per "
-                        "iteration the kernel's design says; update weight_bytes_per_iteration"
-                    )
-                per_warp = step_bytes * unroll
-                report.loop_instructions = len(body)
-                report.loop_hot_instructions = len(hot)
-                report.loop_weight_bytes_per_warp = per_warp
-                report.instructions_per_512_weight_bytes = round(len(hot) * 512 / per_warp, 1)
-                report.instructions_per_weight_byte = round(len(hot) / per_warp, 4)
-                rate = H100_SMS * SCHEDULERS_PER_SM * H100_MAX_CLOCK_HZ * per_warp / len(hot)
-                report.issue_ceiling_pct_of_h100_hbm = round(100 * rate / H100_HBM_BYTES_PER_S, 1)
+                shape = gemv_loop_shape if kind == "gemv" else gemm_loop_shape
+                for loop in find_loops(code):
+                    if loop.wide_loads == 0 and not loop.calls:
+                        continue  # a setup loop (the GEMV's group-size log2), not a pass over the weights
+                    name, steps = shape(loop, act, weight)
+                    per_warp = weight_bytes_per_step(kind, act, weight) * steps
+                    report.loops.append({
+                        "loop": name, "instructions": len(loop.body), "hot_instructions": len(loop.hot),
+                        "weight_bytes_per_warp": per_warp,
+                        "instructions_per_512_weight_bytes": round(len(loop.hot) * 512 / per_warp, 1),
+                        "issue_ceiling_pct_of_h100_hbm": ceiling_pct(per_warp, len(loop.hot)),
+                    })  # fmt: skip
+                # The headline: the decode loop (unchecked, M <= 8) where there is one, else the largest loop.
+                main = next((lp for lp in report.loops if lp["loop"] == "unchecked, M <= 8"), None)
+                main = main or max(report.loops, key=lambda lp: lp["instructions"])
+                report.main_loop = main["loop"]
+                report.loop_instructions = main["instructions"]
+                report.loop_hot_instructions = main["hot_instructions"]
+                report.loop_weight_bytes_per_warp = main["weight_bytes_per_warp"]
+                report.instructions_per_512_weight_bytes = main["instructions_per_512_weight_bytes"]
+                report.instructions_per_weight_byte = round(main["hot_instructions"] / main["weight_bytes_per_warp"], 4)
+                report.issue_ceiling_pct_of_h100_hbm = main["issue_ceiling_pct_of_h100_hbm"]
             reports.append(report)
     return reports
 

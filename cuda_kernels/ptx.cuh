@@ -99,6 +99,45 @@ QB_PTX void ptx_mma_m16n8k32_f32_f8(float* d, const unsigned int* a, const unsig
 #endif
 }
 
+// prmt.b32 d, a, b, c: byte i of d is byte (c >> 4i) & 7 of the 8 bytes {b, a} (a = bytes 0-3), or, when bit
+// 4i + 3 of c is set, that byte's sign bit copied into all 8 bits.
+QB_PTX unsigned int ptx_prmt(unsigned int a, unsigned int b, unsigned int c) {
+    unsigned int d;
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+
+// fma.rn.f16x2 d, a, b, c: both halves d = a * b + c, rounded once to nearest even.
+QB_PTX unsigned int ptx_fma_rn_f16x2(unsigned int a, unsigned int b, unsigned int c) {
+    unsigned int d;
+    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+
+// fma.rn.bf16x2 d, a, b, c (sm_80+): both halves d = a * b + c, rounded once to nearest even.
+QB_PTX unsigned int ptx_fma_rn_bf16x2(unsigned int a, unsigned int b, unsigned int c) {
+    unsigned int d;
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+
+// cvt.rn.f16x2.e4m3x2 d, a (sm_89+; exact): the low byte of a into the low half of d, the high byte into the
+// high half. Older GPUs get the same result from integer arithmetic (e4m3fn fits float16 8 binades low).
+QB_PTX unsigned int ptx_cvt_rn_f16x2_e4m3x2(unsigned short a) {
+#if __CUDA_ARCH__ >= 890
+    unsigned int d;
+    asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(d) : "h"(a));
+    return d;
+#else
+    const unsigned int v = a;
+    const unsigned int t = ((v & 0x7Fu) | ((v & 0x7F00u) << 8)) << 7 | ((v & 0x80u) | ((v & 0x8000u) << 8)) << 8;
+    unsigned int d = ptx_fma_rn_f16x2(t, 0x5C005C00u, 0x80008000u);  // * 256 (2^8), exact, keeps the sign of 0
+    if ((v & 0x7Fu) == 0x7Fu) d |= 0x7FFFu;
+    if ((v & 0x7F00u) == 0x7F00u) d |= 0x7FFF0000u;
+    return d;
+#endif
+}
+
 #else  // QB_CPU_SIMT: models of the instructions above.
 
 namespace qb_ptx_model {
@@ -235,6 +274,46 @@ inline void mma(T* d, const unsigned int* a, const unsigned int* b, DecodeA deco
     }
 }
 
+// Rounds a double to `p` significant bits with round-to-nearest-even, flushing nothing: below the smallest normal
+// (2^(e_min - 1)) the spacing stays that of the smallest binade, as IEEE subnormals; beyond `max` it overflows
+// to infinity. Used to round the exact results of packed half-precision fma.
+inline double round_to_format(double v, int p, int e_min, double max) {
+    if (v == 0 || v != v || __builtin_isinf(v)) return v;
+    int e;
+    __builtin_frexp(v, &e);  // v = m * 2^e, 0.5 <= |m| < 1
+    if (e < e_min) e = e_min;
+    const double r = __builtin_ldexp(__builtin_nearbyint(__builtin_ldexp(v, p - e)), e - p);
+    return __builtin_fabs(r) > max ? __builtin_copysign(__builtin_inf(), v) : r;
+}
+
+inline unsigned short f64_to_f16_bits_rn(double v) {
+    if (v != v) return 0x7FFF;
+    return f32_to_f16_bits_rn((float)round_to_format(v, 11, -13, 65504.0));  // exact in float: no second rounding
+}
+
+inline unsigned short f64_to_bf16_bits_rn(double v) {
+    if (v != v) return 0x7FFF;
+    return f32_to_bf16_bits_rn((float)round_to_format(v, 8, -125, 3.3895313892515355e38));
+}
+
+template <bool BF16>
+inline unsigned int fma_x2(unsigned int a, unsigned int b, unsigned int c) {
+    unsigned int d = 0;
+    for (int half = 0; half < 2; ++half) {
+        const int sh = 16 * half;
+        const unsigned short ah = (unsigned short)(a >> sh), bh = (unsigned short)(b >> sh), ch = (unsigned short)(c >> sh);
+        const double x = BF16 ? bf16_bits_to_f32(ah) : f16_bits_to_f32(ah);
+        const double y = BF16 ? bf16_bits_to_f32(bh) : f16_bits_to_f32(bh);
+        const double z = BF16 ? bf16_bits_to_f32(ch) : f16_bits_to_f32(ch);
+        // x * y is exact in double (at most 22 significant bits); adding z rounds only when the exponents are
+        // far apart, where the second rounding to 11 or 8 bits cannot see the difference.
+        const double r = __builtin_fma(x, y, z);
+        const unsigned short rh = BF16 ? f64_to_bf16_bits_rn(r) : f64_to_f16_bits_rn(r);
+        d |= (unsigned int)rh << sh;
+    }
+    return d;
+}
+
 inline float decode_f16(unsigned int e) { return f16_bits_to_f32((unsigned short)e); }
 inline float decode_bf16(unsigned int e) { return bf16_bits_to_f32((unsigned short)e); }
 inline int decode_s8(unsigned int e) { return (int)(signed char)(unsigned char)e; }
@@ -271,6 +350,32 @@ QB_PTX void ptx_mma_m16n8k32_f32_f8(float* d, const unsigned int* a, const unsig
     auto decode_a = A_E5M2 ? qb_ptx_model::e5m2_to_f32 : qb_ptx_model::e4m3_to_f32;
     auto decode_b = B_E5M2 ? qb_ptx_model::e5m2_to_f32 : qb_ptx_model::e4m3_to_f32;
     qb_ptx_model::mma<32>(d, a, b, decode_a, decode_b);
+}
+
+QB_PTX unsigned int ptx_prmt(unsigned int a, unsigned int b, unsigned int c) {
+    const unsigned long long bytes = ((unsigned long long)b << 32) | a;
+    unsigned int d = 0;
+    for (int i = 0; i < 4; ++i) {
+        const unsigned int sel = (c >> (4 * i)) & 15u;
+        unsigned int byte = (unsigned int)(bytes >> (8 * (sel & 7u))) & 0xFFu;
+        if (sel & 8u) byte = (byte & 0x80u) ? 0xFFu : 0u;
+        d |= byte << (8 * i);
+    }
+    return d;
+}
+
+QB_PTX unsigned int ptx_fma_rn_f16x2(unsigned int a, unsigned int b, unsigned int c) {
+    return qb_ptx_model::fma_x2<false>(a, b, c);
+}
+
+QB_PTX unsigned int ptx_fma_rn_bf16x2(unsigned int a, unsigned int b, unsigned int c) {
+    return qb_ptx_model::fma_x2<true>(a, b, c);
+}
+
+QB_PTX unsigned int ptx_cvt_rn_f16x2_e4m3x2(unsigned short a) {
+    const unsigned int lo = qb_ptx_model::f32_to_f16_bits_rn(qb_ptx_model::e4m3_to_f32(a & 0xFFu));
+    const unsigned int hi = qb_ptx_model::f32_to_f16_bits_rn(qb_ptx_model::e4m3_to_f32(a >> 8));
+    return lo | (hi << 16);
 }
 
 #endif  // QB_CPU_SIMT

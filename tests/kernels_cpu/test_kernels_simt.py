@@ -165,10 +165,18 @@ def test_quantize_dequantize_affine(cuda_ops, simt_device, monkeypatch, bits, gr
 
 # --- matmuls ---------------------------------------------------------------------------------------------------
 
-# (M, K, N, unaligned): one case at and below GEMV_MAX_M (GEMV), two above (GEMM: one tile of rows, and more than
-# one); K and N ragged; unaligned tensors take the kernels' scalar loads.
-GEMV_CASES = ((1, 512, 24, False), (GEMV_MAX_M, 333, 19, True))
+# (M, K, N, unaligned). GEMV: its unchecked loops (two steps per iteration, then one, then the checked tail) on
+# both sides of M = 8 (one row-half of the mma tile or two), with K long enough for several iterations per warp
+# (`None`: 20.75 warp steps, see _long_k); and the checked loop alone, for unaligned tensors. GEMM: just above
+# GEMV_MAX_M (one tile of rows) and above one tile; K and N ragged.
+GEMV_CASES = ((1, None, 24, False), (8, None, 9, False), (9, None, 17, False), (GEMV_MAX_M, 333, 19, True))
 GEMM_CASES = ((GEMV_MAX_M + 1, 200, 136, True), (129, 96, 40, False))
+
+
+def _long_k(fmt: tuple[int, int]) -> int:
+    """20 full warp steps of the GEMV and 48 values more (16-byte aligned rows for every format)."""
+    bits = {U4_CODE: 4, U2_CODE: 2}.get(fmt[1], 8)
+    return 20 * 4 * (128 // bits) + 48
 
 
 def _format_id(fmt: tuple[int, int]) -> str:
@@ -183,11 +191,12 @@ def _run_matmul(cuda_ops, simt_device, fmt: tuple[int, int], m: int, k: int, n: 
     if weight in (U4_CODE, U2_CODE):
         bits = 4 if weight == U4_CODE else 2
         x_dtype = CODE_DTYPES[act]
-        group_size = 32 if m % 2 else 64
+        # Unaligned: also a group size that is not a power of two and float32 scales (the checked loop's cases).
+        group_size = 96 if misaligned else 32 if m % 2 else 64
         padded = -(-k // group_size) * group_size
         w = torch.randn(n, padded, generator=gen(seed + 1))
         w[:, k:] = 0
-        scale, shift = _affine_params(w, group_size, bits, x_dtype)
+        scale, shift = _affine_params(w, group_size, bits, torch.float32 if misaligned else x_dtype)
         packed = reference.quantize_affine(w, scale, shift, bits)
         x = torch.randn(m, k, generator=gen(seed)).to(x_dtype)
         if misaligned:
@@ -245,7 +254,7 @@ def _run_matmul(cuda_ops, simt_device, fmt: tuple[int, int], m: int, k: int, n: 
 @pytest.mark.parametrize("fmt", MATMUL_FORMATS, ids=_format_id)
 def test_gemv(cuda_ops, simt_device, fmt):
     for i, (m, k, n, misaligned) in enumerate(GEMV_CASES):
-        entry = _run_matmul(cuda_ops, simt_device, fmt, m, k, n, misaligned, seed=10 * i)
+        entry = _run_matmul(cuda_ops, simt_device, fmt, m, k or _long_k(fmt), n, misaligned, seed=10 * i)
         assert entry == f"qb_gemv<{fmt[0]}, {fmt[1]}>"
 
 
