@@ -86,7 +86,7 @@ QB_DEV int gemv_fast_loop(Acc<AF>* c, int step, int full, const u8* wrow, const 
         if constexpr (is_affine<WF>()) {
 #pragma unroll
             for (int p = 0; p < PIECES; ++p) {
-                affine_pairs<AF>(w_scale, w_shift, group_row + ((kk + 32 * p) >> group_shift), &scale2[u][p],
+                affine_pairs<AF, WF>(w_scale, w_shift, group_row + ((kk + 32 * p) >> group_shift), &scale2[u][p],
                                  &offset2[u][p]);
             }
         }
