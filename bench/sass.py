@@ -204,6 +204,7 @@ class Loop:
     hot: list[Instruction]
     calls: bool  # the loop calls an out-of-line (bounds-checked) load: the checked loop
     wide_loads: int  # 16-byte global loads on the hot path
+    scale_loads: int  # 2-byte global loads on the hot path (scales and shifts of 2/4-bit groups)
 
 
 def find_loops(code: list[Instruction]) -> list[Loop]:
@@ -240,7 +241,8 @@ def find_loops(code: list[Instruction]) -> list[Loop]:
         hot = [x for b, blk in enumerate(blocks) if b not in cold for x in blk if x.opcode != "NOP"]
         calls = any(x.opcode.startswith("CALL") for x in body)
         wide = sum(bool(re.match(r"LDG\.E\.(128|ENL2\.256)", x.opcode)) for x in hot)
-        loops.append(Loop(body, hot, calls, wide))
+        scales = sum(x.opcode.startswith("LDG.E.U16") for x in hot)
+        loops.append(Loop(body, hot, calls, wide, scales))
     return loops
 
 
@@ -254,9 +256,11 @@ def gemv_loop_shape(loop: Loop, act: int, weight: int) -> tuple[str, int]:
     if loop.calls:
         per_step, kind = 1 + 2 * chunks, "checked"
     else:
+        # 2-bit weights have two loops per M range: one scale per lane's 16 bytes (groups of 64 or more), or two.
+        pieces = "" if bits != 2 else ", groups >= 64" if loop.scale_loads == 2 * 2 else ", groups of 32"
         for rows, kind in ((1, "unchecked, M <= 8"), (2, "unchecked, M > 8")):
             if loop.wide_loads == 2 * (1 + rows * chunks):
-                return kind, 2
+                return kind + pieces, 2
         raise RuntimeError(f"an unchecked GEMV loop with {loop.wide_loads} 16-byte loads fits no known shape")
     if loop.wide_loads == 0 or loop.wide_loads % per_step:
         raise RuntimeError(f"a checked GEMV loop with {loop.wide_loads} 16-byte loads, not a multiple of {per_step}")
@@ -331,9 +335,10 @@ def analyse(arch: int = 90) -> list[KernelReport]:
                         "instructions_per_512_weight_bytes": round(len(loop.hot) * 512 / per_warp, 1),
                         "issue_ceiling_pct_of_h100_hbm": ceiling_pct(per_warp, len(loop.hot)),
                     })  # fmt: skip
-                # The headline: the decode loop (unchecked, M <= 8) where there is one, else the largest loop.
-                main = next((lp for lp in report.loops if lp["loop"] == "unchecked, M <= 8"), None)
-                main = main or max(report.loops, key=lambda lp: lp["instructions"])
+                # The headline: the decode loop (unchecked, M <= 8; for 2-bit weights with groups of 64 or more,
+                # the usual sizes) where there is one, else the largest loop.
+                decode = [lp for lp in report.loops if lp["loop"] in ("unchecked, M <= 8", "unchecked, M <= 8, groups >= 64")]
+                main = decode[0] if decode else max(report.loops, key=lambda lp: lp["instructions"])
                 report.main_loop = main["loop"]
                 report.loop_instructions = main["instructions"]
                 report.loop_hot_instructions = main["hot_instructions"]

@@ -66,7 +66,9 @@ QB_DEV void gemv_step_fast(Acc<AF>* c, Acc<AF>* c_hi, uint4 raw, const u8* xa, c
 }
 
 // The unchecked loop over this warp's steps `step`, `step + 8`, ... below `full`; returns the first step left.
-template <int AF, int WF, bool HI>
+// ONE_GROUP: the lane's 16 weight bytes lie in one group (group_size >= values in 16 bytes), so one scale and
+// shift serve all their 32-value pieces.
+template <int AF, int WF, bool HI, bool ONE_GROUP>
 QB_DEV int gemv_fast_loop(Acc<AF>* c, int step, int full, const u8* wrow, const u8* xa, const u8* xb,
                           const void* w_scale, const void* w_shift, long long group_row, int group_shift) {
     constexpr int AB = act_bytes<AF>();
@@ -86,8 +88,13 @@ QB_DEV int gemv_fast_loop(Acc<AF>* c, int step, int full, const u8* wrow, const 
         if constexpr (is_affine<WF>()) {
 #pragma unroll
             for (int p = 0; p < PIECES; ++p) {
-                affine_pairs<AF, WF>(w_scale, w_shift, group_row + ((kk + 32 * p) >> group_shift), &scale2[u][p],
-                                 &offset2[u][p]);
+                if (ONE_GROUP && p > 0) {
+                    scale2[u][p] = scale2[u][0];
+                    offset2[u][p] = offset2[u][0];
+                } else {
+                    affine_pairs<AF, WF>(w_scale, w_shift, group_row + ((kk + 32 * p) >> group_shift),
+                                         &scale2[u][p], &offset2[u][p]);
+                }
             }
         }
     };
@@ -151,12 +158,23 @@ __global__ void __launch_bounds__(256) qb_gemv(QB_MATMUL_PARAMS) {
         const u8* xa = (const u8*)x + (long long)(m0_ok ? g : 0) * K * AB;
         const u8* xb = (const u8*)x + (long long)(m1_ok ? g + 8 : 0) * K * AB;
         const long long group_row = (long long)(n_ok ? n : 0) * n_groups;
+        constexpr bool PIECED = SEG > 32;  // 2-bit: two 32-value pieces per 16 bytes, maybe in two groups
         if (M > 8) {
-            step = gemv_fast_loop<AF, WF, true>(c, step, K / span, wrow, xa, xb, w_scale, w_shift, group_row,
-                                                group_shift);
+            if (PIECED && group_size < SEG) {
+                step = gemv_fast_loop<AF, WF, true, false>(c, step, K / span, wrow, xa, xb, w_scale, w_shift,
+                                                           group_row, group_shift);
+            } else {
+                step = gemv_fast_loop<AF, WF, true, true>(c, step, K / span, wrow, xa, xb, w_scale, w_shift,
+                                                          group_row, group_shift);
+            }
         } else {
-            step = gemv_fast_loop<AF, WF, false>(c, step, K / span, wrow, xa, xb, w_scale, w_shift, group_row,
-                                                 group_shift);
+            if (PIECED && group_size < SEG) {
+                step = gemv_fast_loop<AF, WF, false, false>(c, step, K / span, wrow, xa, xb, w_scale, w_shift,
+                                                            group_row, group_shift);
+            } else {
+                step = gemv_fast_loop<AF, WF, false, true>(c, step, K / span, wrow, xa, xb, w_scale, w_shift,
+                                                           group_row, group_shift);
+            }
         }
     }
     // The bounds-checked loop: the last, partial steps, and every step of unaligned tensors.

@@ -193,21 +193,15 @@ QB_DEV u32 f32_to_half(float v) {
     }
 }
 
-// The packed pairs decode8_fast<AF, WF> multiplies and adds for one group, from 16-bit scale and shift of the
-// activations' dtype: scale and -shift * scale (4-bit); for 2-bit, whose magic is folded in, scale (float16) or
-// 2 * scale (bfloat16) and -(4 + shift) * scale.
+// Scale and -shift * scale of one group as packed pairs of AF, from 16-bit scale and shift of the same dtype.
+// (Folding the magic number into this offset would save an instruction per value pair, but rounding the larger
+// offset to 16 bits costs 2-bit weights a percent of a quantization step in bfloat16: measured, rejected.)
 template <int AF, int WF>
 QB_DEV void affine_pairs(const void* w_scale, const void* w_shift, long long gi, u32* scale2, u32* offset2) {
     const u32 s = ((const u16*)w_scale)[gi];
-    const float sf = half_to_f32<AF>(s);
     const float z = half_to_f32<AF>(((const u16*)w_shift)[gi]);
-    if constexpr (WF == DT_U2) {
-        *scale2 = (AF == DT_BF16 ? f32_to_half<AF>(2.0f * sf) : s) * 0x10001u;
-        *offset2 = f32_to_half<AF>(-(4.0f + z) * sf) * 0x10001u;
-    } else {
-        *scale2 = s * 0x10001u;
-        *offset2 = f32_to_half<AF>(-z * sf) * 0x10001u;
-    }
+    *scale2 = s * 0x10001u;
+    *offset2 = f32_to_half<AF>(-z * half_to_f32<AF>(s)) * 0x10001u;
 }
 
 // Weight values 8*sub .. 8*sub+7 of the 16 raw bytes `wv` as four operand words (see decode8, same result up to
@@ -231,32 +225,20 @@ QB_DEV void decode8_fast(const u32* wv, int sub, u32 scale2, u32 offset2, u32* o
             out[b] = fma2<AF>(v, scale2, offset2);
         }
     } else if constexpr (WF == DT_U2) {
-        // Four values a byte make the subtraction of the magic the largest cost, so it is folded into the fma:
-        // each 2-bit field sits in the two top mantissa bits under a magic of 4 (float16: 0x4400 | v << 8 is
-        // 4 + v) or 2 (bfloat16: 0x4000 | v << 5 is 2 + v / 2), and affine_pairs<AF, WF> gives scale2 = s (2s)
-        // and offset2 = -(4 + shift) * s: (4 + v) * s + offset2 = (v - shift) * s, with one rounding of the
-        // offset (relative error 2^-11 / 2^-8 of (4 + shift) * s, a fraction of a quantization step).
         const u32 w = wv[sub >> 1];
-        u32 f[4];
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            if constexpr (BF) {
-                f[j] = (j < 3 ? w << (5 - 2 * j) : w >> 1) & 0x60606060u;  // value j of each byte in bits 5-6
-            } else {
-                f[j] = ((w >> (2 * j)) & 0x03030303u) | 0x44444444u;  // (0x44 | v): the high byte of 4 + v
-            }
-        }
+        const u32 w2 = w >> 2;
+        // Values 0 and 1 of each byte in bits 0-1 (magic 1024 / 128), values 2 and 3 in bits 4-5 (64 / 8).
+        const u32 f0 = w & 0x03030303u, f1 = w2 & 0x03030303u, f2 = w & 0x30303030u, f3 = w2 & 0x30303030u;
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
             const u32 b = 2u * (sub & 1) + i;
-            // bfloat16: field bytes into the low bytes of the halves, the others from a sign bit (0); float16:
-            // into the high bytes, the low bytes from a sign bit (0: 0x44 | v < 0x80).
-            const u32 sel = BF ? 0x8080u | 0x1010u * b | ((4u + b) << 8) | b
-                               : (8u | b) | (b << 4) | ((8u | b) << 8) | ((4u + b) << 12);
-            const u32 q01 = BF ? ptx_prmt(f[0], f[1], sel) | 0x40004000u : ptx_prmt(f[0], f[1], sel);
-            const u32 q23 = BF ? ptx_prmt(f[2], f[3], sel) | 0x40004000u : ptx_prmt(f[2], f[3], sel);
-            out[2 * i] = fma2<AF>(q01, scale2, offset2);
-            out[2 * i + 1] = fma2<AF>(q23, scale2, offset2);
+            const u32 sel = 0x8080u | 0x1010u * b | ((4u + b) << 8) | b;
+            const u32 q01 = ptx_prmt(f0, f1, sel) | (BF ? 0x43004300u : 0x64006400u);
+            const u32 q23 = ptx_prmt(f2, f3, sel) | (BF ? 0x41004100u : 0x54005400u);
+            const u32 v01 = fma2<AF>(q01, one2<AF>(), BF ? 0xC300C300u : 0xE400E400u);
+            const u32 v23 = fma2<AF>(q23, one2<AF>(), BF ? 0xC100C100u : 0xD400D400u);
+            out[2 * i] = fma2<AF>(v01, scale2, offset2);
+            out[2 * i + 1] = fma2<AF>(v23, scale2, offset2);
         }
     } else {
 #pragma unroll

@@ -169,7 +169,9 @@ def test_quantize_dequantize_affine(cuda_ops, simt_device, monkeypatch, bits, gr
 # both sides of M = 8 (one row-half of the mma tile or two), with K long enough for several iterations per warp
 # (`None`: 20.75 warp steps, see _long_k); and the checked loop alone, for unaligned tensors. GEMM: just above
 # GEMV_MAX_M (one tile of rows) and above one tile; K and N ragged.
-GEMV_CASES = ((1, None, 24, False), (8, None, 9, False), (9, None, 17, False), (GEMV_MAX_M, 333, 19, True))
+GEMV_CASES = (
+    (1, None, 24, False), (8, None, 9, False), (9, None, 17, False), (12, None, 11, False), (GEMV_MAX_M, 333, 19, True),
+)
 GEMM_CASES = ((GEMV_MAX_M + 1, 200, 136, True), (129, 96, 40, False))
 
 
@@ -191,8 +193,9 @@ def _run_matmul(cuda_ops, simt_device, fmt: tuple[int, int], m: int, k: int, n: 
     if weight in (U4_CODE, U2_CODE):
         bits = 4 if weight == U4_CODE else 2
         x_dtype = CODE_DTYPES[act]
-        # Unaligned: also a group size that is not a power of two and float32 scales (the checked loop's cases).
-        group_size = 96 if misaligned else 32 if m % 2 else 64
+        # Groups of 32 and of 64 (for 2-bit weights: two groups in a lane's 16 bytes, or one) on each side of
+        # M = 8; unaligned: a group size that is not a power of two and float32 scales (the checked loop's cases).
+        group_size = 96 if misaligned else 32 if m in (1, 12) else 64
         padded = -(-k // group_size) * group_size
         w = torch.randn(n, padded, generator=gen(seed + 1))
         w[:, k:] = 0
