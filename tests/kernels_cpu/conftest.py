@@ -5,6 +5,11 @@ the temp dir, and started as one server process; :class:`SimtDevice` sends it ke
 block, arguments) and reads the buffers back. The ``cuda_ops`` fixture is a private copy of
 ``quanto_backend/ops/cuda.py`` whose launches go to it, so the tests drive the real host code (dispatch, grids,
 argument lists) on CPU tensors, and a fallback to the reference fails the test instead of hiding a kernel.
+
+What a CPU-only torch lacks is stood in for as tests/test_kernel_fallback.py does for the host tests: no CUDA-graph
+capture, every module "loaded" (the shim serves them all), float8 tensor cores present. The first use of the
+kernels, ``_warmup`` with each family's self-test (ops/cuda_self_test.py), runs once per session through the shim
+(``first_use``); each test's copy starts with the health that recorded.
 """
 
 from __future__ import annotations
@@ -15,9 +20,12 @@ import os
 import shutil
 import struct
 import subprocess
+import sys
 import tempfile
 import types
+import warnings
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from unittest import mock
 
@@ -25,12 +33,15 @@ import pytest
 import torch
 
 import quanto_backend.kernels
-from quanto_backend.kernels import Int64
+import quanto_backend.ops.cuda
+from quanto_backend.kernels import ENTRY_POINTS, Int64
 from quanto_backend.ops import reference
 
 HERE = Path(__file__).resolve().parent
 KERNELS = HERE.parents[1] / "cuda_kernels"
 UNITS = ("simt.cpp", "main.cpp", "kernels_quantize.cpp", "kernels_gemv.cpp", "kernels_gemm.cpp")
+# The module (the package's `launch` attribute is the function of the same name).
+launch_module = sys.modules["quanto_backend.kernels.launch"]
 SANITIZERS = "-fsanitize=address,undefined,float-cast-overflow"
 # -O1 keeps ASan fast enough; -ffp-contract=off: no fused multiply-add the GPU build would not also have written.
 FLAGS = ("-std=c++17", "-O1", "-g", "-fno-omit-frame-pointer", "-ffp-contract=off", SANITIZERS,
@@ -202,14 +213,59 @@ def _unregistered_cuda_ops() -> types.ModuleType:
     return module
 
 
-@pytest.fixture
-def cuda_ops(simt_device, monkeypatch):
-    """ops/cuda.py with its launches going to the shim and its tensors on the CPU. ``simt_device.launches`` lists
-    the entry points the test launched. A fallback to the reference fails the test."""
-    module = _unregistered_cuda_ops()
+def _run_on_the_shim(patch: pytest.MonkeyPatch, simt_device: SimtDevice) -> None:
+    """Sends ``quanto_backend.kernels.launch`` to the shim, and stands in for what a CPU-only torch lacks."""
 
     def launch(source, entry_point, grid, block, args, device, shared_mem=0):
+        launch_module.pack_args(args)  # the real launcher accepts these arguments (types, 32-bit ints)
         simt_device.launch(entry_point, grid, block, args, shared_mem)
+
+    def load_modules(device):
+        served = set(simt_device.entry_points())
+        return {s: None if set(e) <= served else f"the shim lacks {sorted(set(e) - served)}"
+                for s, e in ENTRY_POINTS.items()}  # fmt: skip
+
+    patch.setattr(quanto_backend.kernels, "launch", launch)
+    patch.setattr(quanto_backend.kernels, "load_modules", load_modules)
+    patch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    # The self-tests call the kernels of the registered module: float8 pairs included, as on sm_89+.
+    patch.setattr(quanto_backend.ops.cuda, "_fp8_tensor_cores", lambda device: True)
+
+
+def _on_the_shim(module: types.ModuleType) -> types.ModuleType:
+    """The private copy's checks of the device: every tensor on one device (the CPU here) can run the kernels."""
+    module._kernels_ready = lambda *tensors: len({t.device for t in tensors if t is not None}) == 1
+    module._fp8_tensor_cores = lambda device: True
+    return module
+
+
+@dataclass
+class FirstUse:
+    health: dict
+    warnings: list[str]
+    launches: list[str]
+
+
+@pytest.fixture(scope="session")
+def first_use(simt_device) -> FirstUse:
+    """ops/cuda.py's first use of the kernels on a device (``_warmup``: every module loaded, then each family's
+    self-test against the reference), with the self-tests' launches running on the shim."""
+    module = _on_the_shim(_unregistered_cuda_ops())
+    with pytest.MonkeyPatch.context() as patch, warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        _run_on_the_shim(patch, simt_device)
+        simt_device.launches = []
+        module._warmup(torch.device("cpu"))
+    return FirstUse(dict(module._health), [str(w.message) for w in record], simt_device.launches)
+
+
+@pytest.fixture
+def cuda_ops(simt_device, first_use, monkeypatch):
+    """ops/cuda.py with its launches going to the shim and its tensors on the CPU, its kernel families in the state
+    their first use left them. ``simt_device.launches`` lists the entry points the test launched. A fallback to the
+    reference fails the test."""
+    module = _on_the_shim(_unregistered_cuda_ops())
+    _run_on_the_shim(monkeypatch, simt_device)
 
     def refuse(name):
         def fail(*args, **kwargs):
@@ -218,8 +274,7 @@ def cuda_ops(simt_device, monkeypatch):
         return fail
 
     names = [n for n in dir(reference) if not n.startswith("_") and callable(getattr(reference, n))]
-    monkeypatch.setattr(quanto_backend.kernels, "launch", launch)
-    module._kernels_ready = lambda *tensors: True
     module.reference = types.SimpleNamespace(**{n: refuse(n) for n in names})
+    module._health = dict(first_use.health)
     simt_device.launches = []
     return module

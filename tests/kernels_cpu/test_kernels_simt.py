@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quanto_backend.ops.cuda import GEMV_MAX_M
+from quanto_backend.ops.cuda import FAMILIES, GEMV_MAX_M
 from quanto_backend.kernels import ENTRY_POINTS, Int64
 from quanto_backend.kernels.loader import MATMUL_FORMATS, U2_CODE, U4_CODE
 from quanto_backend.ops import reference
@@ -61,6 +61,14 @@ def assert_matmul_close(actual: torch.Tensor, truth: torch.Tensor, dtype: torch.
 def test_the_shim_serves_every_entry_point(simt_device):
     names = set(simt_device.entry_points())
     assert names == {e for entries in ENTRY_POINTS.values() for e in entries}
+
+
+def test_first_use_self_tests_pass_on_the_shim(first_use):
+    """ops/cuda.py's first use on a device (every module loaded, each family's self-test against the reference),
+    run on the shim: every family enabled, no warning, and the self-tests launched every entry point."""
+    assert first_use.health == {(None, f): True for f in FAMILIES}
+    assert first_use.warnings == []
+    assert set(first_use.launches) == {e for entries in ENTRY_POINTS.values() for e in entries}
 
 
 def test_the_shim_reports_a_misaligned_vector_load(simt_device):
@@ -237,17 +245,11 @@ def _run_matmul(cuda_ops, simt_device, fmt: tuple[int, int], m: int, k: int, n: 
             x_q, w_q = unaligned(x_q, 1), unaligned(w_q, 7)
         out_dtype = torch.float16 if m % 2 else torch.float32
         bias = torch.randn(n, generator=bias_seed).to(out_dtype) if m % 2 else None
+        # float8 pairs reach the kernels on sm_89+ only: the fixture's device has float8 tensor cores.
+        out = cuda_ops._linear_a8w8(x_q, x_scale, w_q, w_scale, bias, out_dtype)
         if act == 3:
-            out = cuda_ops._linear_a8w8(x_q, x_scale, w_q, w_scale, bias, out_dtype)
             assert_bits_equal(out, reference.linear_a8w8(x_q, x_scale, w_q, w_scale, bias, out_dtype))
         else:
-            # _linear_a8w8 sends float8 pairs to the kernels only for CUDA tensors of sm_89+; past that check it
-            # makes exactly this call.
-            layout = cuda_ops._scale_layout(x_q, x_scale)
-            out = cuda_ops._matmul(
-                act, weight, x_q, w_q, w_scale.reshape(-1), None, x_scale.reshape(-1).float().contiguous(), layout,
-                bias, out_dtype, 1, k,
-            )  # fmt: skip
             truth = (x_q.float() @ w_q.float().t()) * x_scale * w_scale.t() + (0 if bias is None else bias.float())
             assert_matmul_close(out, truth, out_dtype)
     (entry,) = simt_device.launches[-1:]
