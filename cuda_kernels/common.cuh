@@ -2,8 +2,10 @@
 //
 // The sources include no CUDA header on purpose: NVRTC then needs no include path, so they compile the same way
 // on a GPU machine, in CI without a GPU, and from a wheel. Half-precision and float8 conversions are written with
-// PTX `cvt` instructions and integer arithmetic instead of cuda_fp16.h / cuda_bf16.h / cuda_fp8.h.
+// PTX `cvt` instructions (behind the helpers of ptx.cuh) and integer arithmetic instead of cuda_fp16.h /
+// cuda_bf16.h / cuda_fp8.h.
 #pragma once
+#include "ptx.cuh"
 
 typedef unsigned char u8;
 typedef signed char i8;
@@ -26,25 +28,13 @@ enum DType {
 
 #define QB_DEV __device__ __forceinline__
 
-QB_DEV float f16_to_f32(u16 h) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-    return f;
-}
+QB_DEV float f16_to_f32(u16 h) { return ptx_cvt_f32_f16(h); }
 
-QB_DEV u16 f32_to_f16(float f) {
-    u16 h;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-    return h;
-}
+QB_DEV u16 f32_to_f16(float f) { return ptx_cvt_rn_f16_f32(f); }
 
 QB_DEV float bf16_to_f32(u16 h) { return __uint_as_float(((u32)h) << 16); }
 
-QB_DEV u16 f32_to_bf16(float f) {
-    u16 h;
-    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
-    return h;
-}
+QB_DEV u16 f32_to_bf16(float f) { return ptx_cvt_rn_bf16_f32(f); }
 
 // float8 -> float, exact. e4m3fn shifted into a float16 lands 8 binades low (bias 7 vs 15) with subnormals handled
 // by the float16 hardware conversion, so one multiply by 2^8 rebiases it; 0x7f/0xff are e4m3fn's NaNs.
@@ -138,13 +128,11 @@ QB_DEV u8 quantize_value(float scaled, int out_dt) {
 // Two floats as the 32-bit operand of a 16-bit mma: `lo` (the lower k index) in bits 0-15.
 template <int AF>
 QB_DEV u32 pack_pair(float lo, float hi) {
-    u32 r;
     if constexpr (AF == DT_BF16) {
-        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+        return ptx_cvt_rn_bf16x2_f32(hi, lo);
     } else {
-        asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+        return ptx_cvt_rn_f16x2_f32(hi, lo);
     }
-    return r;
 }
 
 // Sums v over the 32 lanes of a warp; every lane gets the result.

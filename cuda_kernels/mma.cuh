@@ -40,45 +40,13 @@ using Acc = typename Select<AF == DT_I8, int, float>::type;
 // c += a * b on tensor cores: m16n8k16 for 16-bit activations, m16n8k32 for 8-bit ones.
 template <int AF, int WF>
 QB_DEV void mma(Acc<AF>* c, const u32* a, u32 b0, u32 b1) {
-    if constexpr (AF == DT_BF16) {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-            "{%0,%1,%2,%3};\n"
-            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    } else if constexpr (AF == DT_F16) {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-            "{%0,%1,%2,%3};\n"
-            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    const u32 b[2] = {b0, b1};
+    if constexpr (AF == DT_BF16 || AF == DT_F16) {
+        ptx_mma_m16n8k16_f32<AF == DT_BF16>(c, a, b);
     } else if constexpr (AF == DT_I8) {
-        asm volatile(
-            "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-            "{%0,%1,%2,%3};\n"
-            : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+        ptx_mma_m16n8k32_s32_s8(c, a, b);
     } else {
-#if __CUDA_ARCH__ >= 890
-#define QB_MMA_FP8(ATYPE, BTYPE)                                                                         \
-    asm volatile("mma.sync.aligned.m16n8k32.row.col.f32." ATYPE "." BTYPE                                \
-                 ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"                           \
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                         \
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1))
-        if constexpr (AF == DT_E4M3 && WF == DT_E4M3) {
-            QB_MMA_FP8("e4m3", "e4m3");
-        } else if constexpr (AF == DT_E4M3 && WF == DT_E5M2) {
-            QB_MMA_FP8("e4m3", "e5m2");
-        } else if constexpr (AF == DT_E5M2 && WF == DT_E4M3) {
-            QB_MMA_FP8("e5m2", "e4m3");
-        } else {
-            QB_MMA_FP8("e5m2", "e5m2");
-        }
-#undef QB_MMA_FP8
-#else
-        // float8 tensor cores need sm_89; the Python side never launches these kernels on older GPUs.
-        __trap();
-#endif
+        ptx_mma_m16n8k32_f32_f8<AF == DT_E5M2, WF == DT_E5M2>(c, a, b);
     }
 }
 
@@ -182,6 +150,134 @@ QB_DEV void decode8(const u32* wv, int sub, float scale, float shift, u32* out) 
     }
 #pragma unroll
     for (int i = 0; i < 4; ++i) out[i] = pack_pair<AF>(v[2 * i], v[2 * i + 1]);
+}
+
+// --- Fast decoding for the GEMV's unchecked main loop ------------------------------------------------------
+//
+// Weight values become 16-bit operands with integer and packed-half instructions only (no int->float conversion
+// per value): a byte or bit field is put under a "magic" exponent with prmt/lop3 (f16 0x6400 = 1024 has a spacing
+// of 1, so 0x6400 | q is 1024 + q exactly; 0x5400 = 64 has a spacing of 1/16, so a field in bits 4-7 reads as
+// 64 + q), and one packed subtraction removes the magic. 2/4-bit values are then dequantized with one packed fma,
+// q * scale + (-shift * scale). Each result word is one mma operand word: values (2j, 2j + 1) of a sub-step, the
+// lower k in the lower half, as decode8 produces them.
+
+template <int AF>
+__host__ __device__ constexpr u32 one2() {
+    return AF == DT_BF16 ? 0x3F803F80u : 0x3C003C00u;
+}
+
+template <int AF>
+QB_DEV u32 fma2(u32 a, u32 b, u32 c) {
+    if constexpr (AF == DT_BF16) {
+        return ptx_fma_rn_bf16x2(a, b, c);
+    } else {
+        return ptx_fma_rn_f16x2(a, b, c);
+    }
+}
+
+template <int AF>
+QB_DEV float half_to_f32(u32 h) {
+    if constexpr (AF == DT_BF16) {
+        return bf16_to_f32((u16)h);
+    } else {
+        return f16_to_f32((u16)h);
+    }
+}
+
+template <int AF>
+QB_DEV u32 f32_to_half(float v) {
+    if constexpr (AF == DT_BF16) {
+        return f32_to_bf16(v);
+    } else {
+        return f32_to_f16(v);
+    }
+}
+
+// Scale and -shift * scale of one group as packed pairs of AF, from 16-bit scale and shift of the same dtype.
+// (Folding the magic number into this offset would save an instruction per value pair, but rounding the larger
+// offset to 16 bits costs 2-bit weights a percent of a quantization step in bfloat16: measured, rejected.)
+template <int AF, int WF>
+QB_DEV void affine_pairs(const void* w_scale, const void* w_shift, long long gi, u32* scale2, u32* offset2) {
+    const u32 s = ((const u16*)w_scale)[gi];
+    const float z = half_to_f32<AF>(((const u16*)w_shift)[gi]);
+    *scale2 = s * 0x10001u;
+    *offset2 = f32_to_half<AF>(-z * half_to_f32<AF>(s)) * 0x10001u;
+}
+
+// Weight values 8*sub .. 8*sub+7 of the 16 raw bytes `wv` as four operand words (see decode8, same result up to
+// the rounding of 2/4-bit dequantization: here q * scale + offset, fused, with the offset rounded to AF).
+template <int AF, int WF>
+QB_DEV void decode8_fast(const u32* wv, int sub, u32 scale2, u32 offset2, u32* out) {
+    constexpr bool BF = AF == DT_BF16;
+    // 2/4-bit fields are first masked in place (one lop3 per word for all its bytes); prmt then gathers byte b's
+    // two fields into the two halves, filling the other bytes from a byte's sign bit (0 after the mask), so one
+    // lop3 with one immediate adds the magic exponent.
+    if constexpr (WF == DT_U4) {
+        const u32 w = wv[sub];
+        // Low nibbles stay in bits 0-3 (magic 1024 / 128); high nibbles in bits 4-7 for float16 (magic 64) or
+        // shifted to bits 0-3 for bfloat16, whose 7-bit mantissa has no room for them at bit 4 (magic 128).
+        const u32 lo = w & 0x0F0F0F0Fu;
+        const u32 hi = BF ? (w >> 4) & 0x0F0F0F0Fu : w & 0xF0F0F0F0u;
+#pragma unroll
+        for (int b = 0; b < 4; ++b) {
+            const u32 q = ptx_prmt(lo, hi, 0x8080u | 0x1010u * b | ((4u + b) << 8) | b) | (BF ? 0x43004300u : 0x54006400u);
+            const u32 v = fma2<AF>(q, one2<AF>(), BF ? 0xC300C300u : 0xD400E400u);
+            out[b] = fma2<AF>(v, scale2, offset2);
+        }
+    } else if constexpr (WF == DT_U2) {
+        const u32 w = wv[sub >> 1];
+        const u32 w2 = w >> 2;
+        // Values 0 and 1 of each byte in bits 0-1 (magic 1024 / 128), values 2 and 3 in bits 4-5 (64 / 8).
+        const u32 f0 = w & 0x03030303u, f1 = w2 & 0x03030303u, f2 = w & 0x30303030u, f3 = w2 & 0x30303030u;
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            const u32 b = 2u * (sub & 1) + i;
+            const u32 sel = 0x8080u | 0x1010u * b | ((4u + b) << 8) | b;
+            const u32 q01 = ptx_prmt(f0, f1, sel) | (BF ? 0x43004300u : 0x64006400u);
+            const u32 q23 = ptx_prmt(f2, f3, sel) | (BF ? 0x41004100u : 0x54005400u);
+            const u32 v01 = fma2<AF>(q01, one2<AF>(), BF ? 0xC300C300u : 0xE400E400u);
+            const u32 v23 = fma2<AF>(q23, one2<AF>(), BF ? 0xC100C100u : 0xD400D400u);
+            out[2 * i] = fma2<AF>(v01, scale2, offset2);
+            out[2 * i + 1] = fma2<AF>(v23, scale2, offset2);
+        }
+    } else {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const u32 w = wv[2 * sub + h];
+            if constexpr (WF == DT_I8 && !BF) {
+                // Signed byte + 128 under the magic 1024, minus 1152.
+                const u32 u = w ^ 0x80808080u;
+                out[2 * h] = fma2<AF>(ptx_prmt(u, 0x64646464u, 0x5140u), one2<AF>(), 0xE480E480u);
+                out[2 * h + 1] = fma2<AF>(ptx_prmt(u, 0x64646464u, 0x5342u), one2<AF>(), 0xE480E480u);
+            } else if constexpr (WF == DT_I8) {
+                // bfloat16 has 8 significant bits, too few for a magic number over 256 values: go through float32
+                // (2^23 + byte + 128, minus 2^23 + 128) and pack, both exact.
+                const u32 u = w ^ 0x80808080u;
+                float f[4];
+#pragma unroll
+                for (int i = 0; i < 4; ++i) f[i] = __uint_as_float(ptx_prmt(u, 0x4B000000u, 0x7440u + i)) - 8388736.0f;
+                out[2 * h] = pack_pair<AF>(f[0], f[1]);
+                out[2 * h + 1] = pack_pair<AF>(f[2], f[3]);
+            } else if constexpr (WF == DT_E4M3 && !BF) {
+                out[2 * h] = ptx_cvt_rn_f16x2_e4m3x2((u16)w);
+                out[2 * h + 1] = ptx_cvt_rn_f16x2_e4m3x2((u16)(w >> 16));
+            } else if constexpr (WF == DT_E5M2 && !BF) {
+                out[2 * h] = ptx_prmt(w, 0u, 0x1404u);  // e5m2 is the high byte of a float16
+                out[2 * h + 1] = ptx_prmt(w, 0u, 0x3424u);
+            } else {
+                // float8 -> bfloat16: magnitude bits shifted under bfloat16's exponent, sign in bit 15, then a
+                // multiply by 2^(127 - bias) rebiases (exact, subnormals included; NaN/inf codes, which
+                // quantization never writes, come out finite).
+                constexpr int SHIFT = WF == DT_E4M3 ? 4 : 5;
+                constexpr u32 REBIAS = WF == DT_E4M3 ? 0x7B807B80u : 0x77807780u;  // 2^120, 2^112
+                const u32 mag = w & 0x7F7F7F7Fu, sgn = w & 0x80808080u;
+                out[2 * h] = fma2<AF>((ptx_prmt(mag, 0u, 0x4140u) << SHIFT) | ptx_prmt(sgn, 0u, 0x1404u), REBIAS,
+                                      0x80008000u);
+                out[2 * h + 1] = fma2<AF>((ptx_prmt(mag, 0u, 0x4342u) << SHIFT) | ptx_prmt(sgn, 0u, 0x3424u),
+                                          REBIAS, 0x80008000u);
+            }
+        }
+    }
 }
 
 // The arguments every GEMV/GEMM kernel takes, in this order (see quanto_backend/kernels/launch.py):

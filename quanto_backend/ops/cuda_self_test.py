@@ -2,8 +2,9 @@
 
 :func:`quanto_backend.ops.cuda.warmup` runs it once per device and family, before the family's first use, so a
 kernel that the compiler, the driver or the GPU gets wrong is disabled (with a warning) instead of being silently
-wrong. The cases are small (a few kilobytes, one launch each) but cross the boundaries the kernels handle: rows
-that are not a multiple of a tile, both scale layouts, every weight and activation format of the family.
+wrong. The cases are small (at most a hundred kilobytes, one launch each) but cross the boundaries the kernels
+handle: rows that are not a multiple of a tile, both scale layouts, every weight and activation format of the
+family, and each loop of the GEMV (the unchecked fast loop, the checked tail).
 
 The elementwise kernels and the int8 x int8 matmul must equal the reference bit for bit; the other matmuls sum in
 another order (and the weight-only ones skip the reference's rounding of the dequantized weight), so they are held
@@ -23,7 +24,7 @@ __all__ = ["run"]
 _FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 _Q8 = (torch.int8, *_FP8)
 _HALF = (torch.float16, torch.bfloat16)
-# Max error relative to the largest output, for K = _K: twice the tolerance of the GPU test suite.
+# Max error relative to the largest output: twice the tolerance of the GPU test suite.
 _TOLERANCE = {torch.bfloat16: 3.2e-2, torch.float16: 5e-3, torch.float32: 2e-4}
 _K, _N = 160, 24  # K: one and a quarter GEMM K-tiles, five 32-wide groups; N: not a multiple of 16
 
@@ -99,42 +100,68 @@ def _affine_params(w: torch.Tensor, group_size: int, bits: int, dtype: torch.dty
     return scale.to(dtype), (-lo / scale).to(dtype)
 
 
+def _gemv_k(bits: int) -> int:
+    """K of the GEMV cases for ``bits``-bit weights: 17 full warp steps, so that each of the 8 warps runs the
+    unchecked loop's two-step iteration (and warp 0 its single step after it), and one lane's 16 weight bytes more,
+    which the bounds-checked loop takes; rows stay 16-byte aligned (the unchecked loop's condition)."""
+    lane_values = 128 // bits
+    return 17 * 4 * lane_values + lane_values
+
+
 def _matmul(kind: str, device: torch.device) -> str | None:
+    """Every matmul entry point of ``kind``. The GEMM: one case, M one tile and a few rows past GEMV_MAX_M. The
+    GEMV: its unchecked loop and its checked tail (see :func:`_gemv_k`), for M on both sides of 8 (one half of the
+    mma tile's rows or both), and 2-bit weights with two groups in a lane's 16 bytes or one."""
     gen = torch.Generator(device=device).manual_seed(1)
-    m = 3 if kind == "gemv" else cuda.GEMV_MAX_M + 5
-    w32 = torch.randn(_N, _K, device=device, generator=gen)
-    x32 = torch.randn(m, _K, device=device, generator=gen)
+    checks: list[str | None] = []
+    for m in (3, 11) if kind == "gemv" else (cuda.GEMV_MAX_M + 5,):
+        checks += _matmul_cases(kind, m, gen, device)
+    return next((c for c in checks if c is not None), None)
+
+
+def _matmul_cases(kind: str, m: int, gen: torch.Generator, device: torch.device) -> list[str | None]:
+    def inputs(bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+        k = _gemv_k(bits) if kind == "gemv" else _K
+        return torch.randn(_N, k, device=device, generator=gen), torch.randn(m, k, device=device, generator=gen)
+
     bias32 = torch.randn(_N, device=device, generator=gen)
     checks: list[str | None] = []
     for x_dtype in _HALF:
-        x, bias = x32.to(x_dtype), bias32.to(x_dtype)
+        bias = bias32.to(x_dtype)
         for w_dtype in _Q8:
+            w32, x32 = inputs(8)
+            x = x32.to(x_dtype)
             w_q, w_scale = reference.quantize_per_token(w32, w_dtype)
             w_scale = w_scale.to(x_dtype)
             out = cuda._linear_w8_kernel(kind, x, w_q, w_scale, bias)
             truth = x.float() @ (w_q.float() * w_scale.float()).t() + bias.float()
-            checks.append(_far(f"linear_w8 {x_dtype} x {w_dtype}", out, truth))
+            checks.append(_far(f"linear_w8 {x_dtype} x {w_dtype}, M = {m}", out, truth))
         for bits in (2, 4):
-            scale, shift = _affine_params(w32, 32, bits, x_dtype)
-            packed = reference.quantize_affine(w32, scale, shift, bits)
-            out = cuda._linear_affine_kernel(kind, x, packed, scale, shift, bits, bias)
-            w_ref = reference.dequantize_affine(packed, scale, shift, bits).to(x_dtype).float()
-            checks.append(_far(f"linear_affine {x_dtype} x {bits}-bit", out, x.float() @ w_ref.t() + bias.float()))
+            for group_size in (32, 64) if kind == "gemv" and bits == 2 else (32,):
+                w32, x32 = inputs(bits)
+                x = x32.to(x_dtype)
+                scale, shift = _affine_params(w32, group_size, bits, x_dtype)
+                packed = reference.quantize_affine(w32, scale, shift, bits)
+                out = cuda._linear_affine_kernel(kind, x, packed, scale, shift, bits, bias)
+                w_ref = reference.dequantize_affine(packed, scale, shift, bits).to(x_dtype).float()
+                name = f"linear_affine {x_dtype} x {bits}-bit, groups of {group_size}, M = {m}"
+                checks.append(_far(name, out, x.float() @ w_ref.t() + bias.float()))
     pairs = [(torch.int8, torch.int8)]
     if cuda._fp8_tensor_cores(device):
         pairs += [(a, w) for a in _FP8 for w in _FP8]
     for x_dtype, w_dtype in pairs:
+        w32, x32 = inputs(8)
         x_q, x_scale = reference.quantize_per_token(x32, x_dtype)
         w_q, w_scale = reference.quantize_per_token(w32, w_dtype)
         out = cuda._linear_a8w8_kernel(kind, x_q, x_scale, 1, w_q, w_scale, bias32, torch.bfloat16)
-        name = f"linear_a8w8 {x_dtype} x {w_dtype}"
+        name = f"linear_a8w8 {x_dtype} x {w_dtype}, M = {m}"
         if x_dtype == torch.int8:
             expected = reference.linear_a8w8(x_q, x_scale, w_q, w_scale, bias32, torch.bfloat16)
             checks.append(_differs(name, out, expected))
         else:
             truth = (x_q.float() @ w_q.float().t()) * x_scale * w_scale.t() + bias32
             checks.append(_far(name, out, truth))
-    return next((c for c in checks if c is not None), None)
+    return checks
 
 
 _TESTS: dict[str, Callable[[torch.device], str | None]] = {
