@@ -115,7 +115,9 @@ def compile_cubin(name: str, arch: int) -> tuple[bytes, dict[str, str], str]:
 
     sources = loader.read_sources()
     headers = {n: t for n, t in sorted(sources.items()) if n.endswith(".cuh")}
-    program = nvrtc.createProgram(sources[name], name, [h.encode() for h in headers.values()], [*map(str.encode, headers)])
+    program = nvrtc.createProgram(
+        sources[name], name, [h.encode() for h in headers.values()], [*map(str.encode, headers)]
+    )
     try:
         for expr in loader.ENTRY_POINTS[name]:
             nvrtc.addNameExpression(program, expr)
@@ -337,7 +339,9 @@ def analyse(arch: int = 90) -> list[KernelReport]:
                     })  # fmt: skip
                 # The headline: the decode loop (unchecked, M <= 8; for 2-bit weights with groups of 64 or more,
                 # the usual sizes) where there is one, else the largest loop.
-                decode = [lp for lp in report.loops if lp["loop"] in ("unchecked, M <= 8", "unchecked, M <= 8, groups >= 64")]
+                decode = [
+                    lp for lp in report.loops if lp["loop"] in ("unchecked, M <= 8", "unchecked, M <= 8, groups >= 64")
+                ]
                 main = decode[0] if decode else max(report.loops, key=lambda lp: lp["instructions"])
                 report.main_loop = main["loop"]
                 report.loop_instructions = main["instructions"]

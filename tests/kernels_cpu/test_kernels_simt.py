@@ -14,10 +14,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quanto_backend.ops.cuda import FAMILIES, GEMV_MAX_M
 from quanto_backend.kernels import ENTRY_POINTS, Int64
 from quanto_backend.kernels.loader import MATMUL_FORMATS, U2_CODE, U4_CODE
 from quanto_backend.ops import reference
+from quanto_backend.ops.cuda import FAMILIES, GEMV_MAX_M
 
 HALF = (torch.float16, torch.bfloat16)
 FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -178,7 +178,11 @@ def test_quantize_dequantize_affine(cuda_ops, simt_device, monkeypatch, bits, gr
 # (`None`: 20.75 warp steps, see _long_k); and the checked loop alone, for unaligned tensors. GEMM: just above
 # GEMV_MAX_M (one tile of rows) and above one tile; K and N ragged.
 GEMV_CASES = (
-    (1, None, 24, False), (8, None, 9, False), (9, None, 17, False), (12, None, 11, False), (GEMV_MAX_M, 333, 19, True),
+    (1, None, 24, False),
+    (8, None, 9, False),
+    (9, None, 17, False),
+    (12, None, 11, False),
+    (GEMV_MAX_M, 333, 19, True),
 )
 GEMM_CASES = ((GEMV_MAX_M + 1, 200, 136, True), (129, 96, 40, False))
 
