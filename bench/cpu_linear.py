@@ -5,7 +5,7 @@ Every configuration is timed in the same run on the same weight and input, in in
 configuration per round, so a burst of load from another process hits all of them alike); the JSON keeps the
 median and the quartiles of each. Optional columns for optimum-quanto and torchao appear when they import.
 
-    python bench/cpu_linear.py                          # bench/results/cpu_linear.json and .png
+    python bench/cpu_linear.py                          # bench/results/cpu_linear-<capability>.json, .png
     python bench/cpu_linear.py --quick --output-dir /tmp/out
 """
 
@@ -173,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.in_features, args.out_features, args.m, args.rounds = 256, 512, [1, 4], 3
     report = run(args.in_features, args.out_features, args.m, args.rounds, args.threads, not args.no_optional)
-    save_report(report, args.output_dir / "cpu_linear.json", __file__, argv)
+    name = f"cpu_linear-{torch.backends.cpu.get_cpu_capability().lower()}.json"
+    save_report(report, args.output_dir / name, __file__, argv)
     return 0
 
 

@@ -47,7 +47,7 @@ def read(path: Path) -> dict:
 
 def test_cpu_linear(tmp_path):
     run_script("cpu_linear.py", "--quick", "--no-optional", "--output-dir", tmp_path)
-    report = read(tmp_path / "cpu_linear.json")
+    report = read(tmp_path / f"cpu_linear-{torch.backends.cpu.get_cpu_capability().lower()}.json")
     configs = {r["config"] for r in report["rows"]}
     assert {"float32 F.linear", "int8 QLinear (fp32 act)", "int4 QLinear (bf16 act)"} <= configs
     assert {r["m"] for r in report["rows"]} == {1, 4}
@@ -123,3 +123,16 @@ def test_cpu_contracts(tmp_path):
         if r["op"] == "int8pack" and r["dtype"] == "bfloat16" and r["k"] % 16 == 0 and not r["x_offset"] + r["w_offset"]
     ]  # fmt: skip
     assert inside and all(r["result"] == "ok" for r in inside)
+
+
+def test_cpu_dispatch(tmp_path):
+    run_script("cpu_dispatch.py", "--quick", "--output-dir", tmp_path)
+    capability = torch.backends.cpu.get_cpu_capability()
+    report = read(tmp_path / f"cpu_dispatch-{capability.lower()}.json")
+    assert report["machine"]["cpu_capability"] == capability
+    kinds = {(r["weights"], r["dtype"]) for r in report["results"]}
+    assert kinds == {("int8", "float32"), ("int8", "bfloat16"), ("int4", "float32"), ("int4", "bfloat16"),
+                     ("w8a8", "float32")}  # fmt: skip
+    for r in report["results"]:
+        assert [t["rows"] for t in r["timings"]] == [1, 32, 256]
+        assert all(t["kernel_ms"] > 0 and t["dequantized_ms"] > 0 for t in r["timings"])
