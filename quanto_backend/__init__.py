@@ -10,6 +10,7 @@ Quick start::
 from .calibrate import Calibration
 from .integrations import QuantoConfig
 from .integrations import register as _register_with_hf
+from .kv_cache import QuantizedCache
 from .nn import QConv2d, QLayerNorm, QLinear, QModuleMixin, register_qmodule
 from .observers import HistogramObserver, MinMaxObserver, MovingAverageMinMaxObserver, Observer
 from .qtypes import QType, qfloat8, qfloat8_e4m3fn, qfloat8_e5m2, qint2, qint4, qint8, qtypes, quint8
@@ -39,6 +40,7 @@ _register_with_hf()
 __version__ = "0.1.0"
 
 _MODEL_HELPERS = (
+    "QuantizedCache",
     "QuantizedDiffusersModel",
     "QuantizedModelForCausalLM",
     "QuantizedPixArtTransformer2DModel",
