@@ -185,3 +185,26 @@ def test_crop_is_refused():
     cache = QuantizedCache(_tiny_llama_config(), nbits=4, q_group_size=32)
     with pytest.raises(NotImplementedError, match="cannot be cropped"):
         cache.crop(-1)
+
+
+@pytest.mark.parametrize("nbits", [8, 4, 2])
+@pytest.mark.parametrize("axis", [0, -1])
+def test_dequantization_matches_the_reference_op(nbits, axis):
+    from quanto_backend import ops
+
+    torch.manual_seed(9)
+    layer = QuantizedLayer(nbits=nbits, axis_key=axis, axis_value=axis, q_group_size=16, residual_length=16)
+    states = torch.randn(2, 3, 32, 32) * 3 + 1
+    layer.update(states, states)
+    stored = layer.quantized_keys
+    shift = -stored.offset.float() / stored.scale.float()
+    flat = ops.dequantize_affine(stored.codes.flatten(0, -2), stored.scale.flatten(0, -2), shift.flatten(0, -2), nbits)
+    reference = flat.reshape(*stored.codes.shape[:-1], -1)
+    reference = reference if axis == 0 else reference.transpose(-1, -2)
+    torch.testing.assert_close(stored.dequantize(torch.float32), reference, rtol=1e-5, atol=1e-5)
+    bound = {8: 0.01, 4: 0.1, 2: 0.5}[nbits]
+    assert _relative(stored.dequantize(torch.float32), states) < bound
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
