@@ -1,9 +1,10 @@
 """Peak memory of one LoRA training step (forward, backward, AdamW step) on a quantized frozen base vs a bfloat16
 base, CPU: a Llama built from a config (random weights), the same LoRA adapters (r 16 on every projection).
 
-Each configuration runs in its own process: the float weights are built, quantized and freed, the allocator's free
-pages are given back (malloc_trim), the kernel's peak-RSS counter is reset (/proc/self/clear_refs), then one warm-up
-step and one measured step run; the peak resident memory during the steps is read from VmHWM. Linux only.
+Each configuration runs in its own process (glibc told to map every block of 64 KiB or more on its own, so that
+freed tensors leave the RSS): the float weights are built, quantized and freed, one warm-up step runs, the free
+pages are given back (malloc_trim), the kernel's peak-RSS counter is reset (/proc/self/clear_refs), and one measured
+step runs; its peak resident memory is read from VmHWM. Linux only.
 
     python bench/qlora_memory.py                  # bench/results/qlora_memory-cpu.json
     python bench/qlora_memory.py --quick --output /tmp/q.json
@@ -15,6 +16,7 @@ import argparse
 import ctypes
 import gc
 import json
+import os
 import subprocess
 import sys
 import time
@@ -33,6 +35,12 @@ SIZES = {
     "quick": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=256, batch=1, seq=16),
 }  # fmt: skip
+
+
+# glibc serves large blocks from its heap once freed ones raised its mmap threshold, and keeps freed heap pages
+# resident: the RSS would then count transients long gone. A fixed threshold maps every block of 64 KiB or more on
+# its own and unmaps it when freed, so the peak RSS follows the peak of live tensors.
+_CHILD_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
 def _kib(field: str) -> int:
@@ -114,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         command = [sys.executable, __file__, "--child", name, "--threads", str(args.threads)] + (
             ["--quick"] if args.quick else []
         )
-        out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        out = subprocess.run(command, check=True, capture_output=True, text=True, env=_CHILD_ENV).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
         print(rows[-1], flush=True)
     reference = next((r for r in rows if r["config"] == "bfloat16"), None)

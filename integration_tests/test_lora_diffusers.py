@@ -76,7 +76,7 @@ def flux_dir(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("weights", ["int8", "int4"])
+@pytest.mark.parametrize("weights", ["int8", "float8", "int4"])
 def test_load_fuse_unfuse_hotswap_on_a_quantized_transformer(flux_dir, weights):
     first, second = _lora_state_dict(1), _lora_state_dict(2)
     reference = {}

@@ -38,11 +38,6 @@ __all__ = ["QuantizedLoraConv2d", "QuantizedLoraLinear", "convert_lora_layers", 
 _STORAGE = ("weight", "weight_scale", "weight_shift", "bias")
 
 
-def _compute_dtype(module: QModuleMixin) -> torch.dtype:
-    """The float dtype the module computes in (its scale's, once the weight is quantized storage)."""
-    return module.weight_scale.dtype if module.frozen else module.weight.dtype
-
-
 def _float_weight(module: QModuleMixin) -> torch.Tensor:
     """The module's weight as float32 ``weight_shape``: dequantized storage, or the float weight before freeze."""
     if module.frozen:
@@ -59,7 +54,7 @@ def _store_weight(module: QModuleMixin, weight: torch.Tensor, group_size: int | 
         old = module.weight
         module._parameters["weight"] = nn.Parameter(weight.to(old.dtype), requires_grad=old.requires_grad)
         return
-    qweight = quantize_weight(weight.to(_compute_dtype(module)), module.weight_qtype, group_size, module.optimizer)
+    qweight = quantize_weight(weight.to(module.compute_dtype), module.weight_qtype, group_size, module.optimizer)
     module._parameters["weight"] = nn.Parameter(qweight.qdata, requires_grad=False)
     module._parameters["weight_scale"] = nn.Parameter(qweight.scale, requires_grad=False)
     if "weight_shift" in module._parameters:
@@ -68,12 +63,6 @@ def _store_weight(module: QModuleMixin, weight: torch.Tensor, group_size: int | 
 
 class _QuantizedLoraMixin:
     """merge/unmerge/delete_adapter for a peft LoRA layer whose base layer is a quantized module."""
-
-    def _get_base_layer_device_and_dtype(self, base_layer):
-        # peft casts the adapters to the base weight's dtype: here that would be int8 or float8 storage.
-        if isinstance(base_layer, QModuleMixin):
-            return base_layer.weight.device, _compute_dtype(base_layer)
-        return super()._get_base_layer_device_and_dtype(base_layer)
 
     def _check_mergeable(self, adapter_names: list[str]) -> None:
         base = self.get_base_layer()
@@ -228,9 +217,10 @@ def register_quantized_lora(config: LoraConfig) -> LoraConfig:
 def convert_lora_layers(model: nn.Module) -> int:
     """Turn the LoRA layers that peft created around quantized modules into the quantized LoRA layers, in place.
 
-    For models whose ``LoraConfig`` could not be registered (for instance diffusers' ``load_lora_adapter``); only
-    methods differ, plus the adapters' dtype (peft cast them to the storage dtype where it was floating point,
-    float8) and, for convolutions, the adapters' class. Call it before merging; returns how many were converted.
+    For models whose ``LoraConfig`` could not be registered (for instance diffusers' ``load_lora_adapter``): only
+    methods differ, and for convolutions the adapters' class (peft builds them as QConv2d). peft gives the adapters
+    the module's ``compute_dtype``; adapters found in float8 (a peft that casts them to the storage dtype) are
+    refused, their weights are lost. Call it before merging; returns how many layers were converted.
     """
     converted = 0
     for module in model.modules():
