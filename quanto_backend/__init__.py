@@ -40,7 +40,6 @@ _register_with_hf()
 __version__ = "0.1.0"
 
 _MODEL_HELPERS = (
-    "QuantizedCache",
     "QuantizedDiffusersModel",
     "QuantizedModelForCausalLM",
     "QuantizedPixArtTransformer2DModel",
@@ -78,6 +77,7 @@ __all__ = [
     "QModuleMixin",
     "QTensor",
     "QType",
+    "QuantizedCache",
     "QuantizedDiffusersModel",
     "QuantizedModelForCausalLM",
     "QuantizedPixArtTransformer2DModel",

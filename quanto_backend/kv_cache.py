@@ -15,8 +15,9 @@ Layout of the stored codes, for states ``[batch, kv_heads, seq, head_dim]``:
   ``[batch, heads, head_dim, seq / q_group_size]``; tokens are flushed in whole groups (the rest stays residual).
 
 Integer codes are affine per group, ``x ~= (q - shift) * scale`` (the convention of
-:mod:`quanto_backend.ops.reference`; ``scale``/``shift`` from min-max, refined by HQQ by default); float8 codes are symmetric, ``x ~= q * scale``. Groups never span
-batch rows, so beam-search reordering selects rows of the codes exactly, with no round trip through floats.
+:mod:`quanto_backend.ops.reference`; ``scale``/``shift`` from min-max, refined by HQQ by default); float8 codes
+are symmetric, ``x ~= q * scale``. Groups never span batch rows, so beam-search reordering selects rows of the
+codes exactly, with no round trip through floats.
 """
 
 from __future__ import annotations
@@ -110,7 +111,9 @@ class _QuantizedStates:
             scale, shift = scale.to(states.dtype), shift.to(states.dtype)
             # As 2-D rows, the shape the CUDA kernels take.
             bits = self.qtype.bits
-            flat = ops.quantize_affine(rows.reshape(-1, rows.shape[-1]), scale.flatten(0, -2), shift.flatten(0, -2), bits)
+            flat = ops.quantize_affine(
+                rows.reshape(-1, rows.shape[-1]), scale.flatten(0, -2), shift.flatten(0, -2), bits
+            )
             codes = flat.reshape(*rows.shape[:-1], -1)
             offset = (-shift.float() * scale.float()).to(states.dtype)
         dim = 2 if self.axis == 0 else 3  # the sequence dimension of the stored codes and scales

@@ -158,7 +158,9 @@ def test_bytes_at_4096_tokens_int4():
             cache.update(k, v, layer_idx)
             reference.update(k, v, layer_idx)
     assert cache.get_seq_length() == reference.get_seq_length() == 4096
-    reference_bytes = sum(t.numel() * t.element_size() for layer in reference.layers for t in (layer.keys, layer.values))
+    reference_bytes = sum(
+        t.numel() * t.element_size() for layer in reference.layers for t in (layer.keys, layer.values)
+    )
     assert cache.nbytes <= 0.3 * reference_bytes, cache.nbytes / reference_bytes
 
 
