@@ -23,6 +23,7 @@ from .compat import (
 )
 from .integrations import QuantoConfig
 from .integrations import register as _register_with_hf
+from .kv_cache import QuantizedCache
 from .nn import QConv2d, QLayerNorm, QLinear, QModuleMixin, quantize_module, register_qmodule
 from .observers import HistogramObserver, MinMaxObserver, MovingAverageMinMaxObserver, Observer
 from .qtypes import (
@@ -108,6 +109,7 @@ __all__ = [
     "QModuleMixin",
     "QTensor",
     "QType",
+    "QuantizedCache",
     "QuantizedDiffusersModel",
     "QuantizedModelForCausalLM",
     "QuantizedPixArtTransformer2DModel",

@@ -136,3 +136,24 @@ def test_cpu_dispatch(tmp_path):
     for r in report["results"]:
         assert [t["rows"] for t in r["timings"]] == [1, 32, 256]
         assert all(t["kernel_ms"] > 0 and t["dequantized_ms"] > 0 for t in r["timings"])
+
+
+def test_kv_cache(tmp_path, monkeypatch):
+    bench = load_script("kv_cache.py")
+    monkeypatch.setattr(bench, "CONFIGS", (("int4", dict(nbits=4)), ("float8", dict(nbits=8, float8=True))))
+    out = tmp_path / "kv.json"
+    run_script(bench, "--quick", "--output", out)
+    report = json.loads(out.read_text())
+    assert report["benchmark"] == "kv_cache" and report["machine"]["cpu_capability"]
+    assert 0 < report["error"]["int4"] < 0.1 and set(report["error"]) == {"int4", "float8"}
+    assert 0 < report["bytes"]["ratio_to_bf16"]["int4"] < 1  # sizes do not depend on load
+    assert set(report["step_time"]["min_ms_per_step"]) == {"DynamicCache", "int4", "float8"}
+
+
+def test_qlora_memory(tmp_path):
+    out = tmp_path / "q.json"
+    run_script("qlora_memory.py", "--quick", "--configs", "bfloat16", "int4", "--output", out)
+    rows = {r["config"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["int4"]["base_storage_MiB"] < rows["bfloat16"]["base_storage_MiB"]
+    assert rows["int4"]["trainable_params"] == rows["bfloat16"]["trainable_params"] > 0
+    assert rows["bfloat16"]["peak_above_imports_vs_bfloat16"] == 1.0

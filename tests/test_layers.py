@@ -6,8 +6,8 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "quanto_backend"
 LAYERS = [
-    "qtypes", "kernels", "ops", "tensor", "nn", "observers", "quantize", "calibrate", "static", "smooth",
-    "evaluate", "integrations", "models", "compat", "cli", "data",
+    "qtypes", "kernels", "ops", "tensor", "kv_cache", "nn", "observers", "quantize", "calibrate", "static", "smooth",
+    "evaluate", "integrations", "lora", "models", "compat", "cli", "data",
 ]  # fmt: skip
 
 

@@ -183,6 +183,14 @@ class QModuleMixin:
         raise NotImplementedError
 
     @property
+    def compute_dtype(self) -> torch.dtype:
+        """The float dtype the module computes in: its scale's once frozen (the storage is int8/float8/uint8).
+
+        peft reads it (as for bitsandbytes layers) to give LoRA adapters a float dtype, not the storage's.
+        """
+        return self.weight_scale.dtype if self.frozen else self.weight.dtype
+
+    @property
     def frozen(self) -> bool:
         return "weight_scale" in self._parameters
 

@@ -61,8 +61,43 @@ def needs_grad(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
 
 
+class _WeightHolder:
+    """Carries a QTensor into an autograd.Function as a plain object (so it is not dispatched as a tensor)."""
+
+    def __init__(self, weight: QTensor):
+        self.weight = weight
+
+
+class _FrozenQWeightLinear(torch.autograd.Function):
+    """``F.linear`` with a frozen quantized weight and an input (or bias) that needs gradients, as in QLoRA.
+
+    The forward runs the quantized op; the backward dequantizes the weight again for ``grad_output @ W``. So what
+    autograd keeps for backward is the quantized storage, not a float copy of every layer's weight (dequantizing
+    under autograd would hold as many float weights as the float model has, until backward).
+    """
+
+    @staticmethod
+    def forward(ctx, input: torch.Tensor, bias: torch.Tensor | None, holder: _WeightHolder) -> torch.Tensor:
+        ctx.holder = holder
+        ctx.bias_shape = None if bias is None else bias.shape
+        return _linear(input, holder.weight, bias)  # grad mode is off inside forward: the quantized op runs
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad_input = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_input = grad @ ctx.holder.weight.dequantize().to(grad.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).reshape(ctx.bias_shape)
+        return grad_input, grad_bias, None
+
+
 @register_qtensor_function(F.linear)
 def _linear(input, weight, bias=None):
+    frozen_2d = isinstance(weight, (PerAxisQWeight, PerAxisAffineQWeight, GroupedQWeight)) and weight.ndim == 2
+    if frozen_2d and not weight.requires_grad and needs_grad(input, bias) and not isinstance(input, QTensor):
+        if not (isinstance(weight, PerAxisQWeight) and weight.axis != 0):
+            return _FrozenQWeightLinear.apply(input, bias, _WeightHolder(weight))
     if not needs_grad(input, weight, bias):
         if isinstance(weight, PerAxisQWeight) and weight.axis == 0 and weight.ndim == 2:
             return qlinear(input, weight.qdata, weight.scale, bias)
