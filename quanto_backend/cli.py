@@ -100,7 +100,8 @@ def run(argv: list[str] | None = None) -> list[dict]:
             progress.set_postfix_str(str(qtype or "float32"))
             model = load()
             if qtype is not None:
-                quantize(model, weights=qtype, group_size=args.group_size, exclude=args.exclude)
+                group_size = args.group_size if qtype.is_packed else None  # 8-bit weights take no group size
+                quantize(model, weights=qtype, group_size=group_size, exclude=args.exclude)
                 freeze(model)
                 if args.output is not None:
                     _save(model_dir, tokenizer, qtype, args)

@@ -18,6 +18,7 @@ from .config import QuantoConfig
 
 __all__ = [
     "QUANT_BUFFERS",
+    "check_calibrated",
     "create_quantized_param",
     "dequantize_model",
     "is_skipped",
@@ -117,8 +118,10 @@ def create_quantized_param(
     """The per-parameter step of quantize-on-load, shared by the transformers and diffusers quantizers.
 
     The float checkpoint tensor ``param_value`` (the ``weight`` of a quantized module) is moved to
-    ``target_device`` and quantized there into the module's storage; the module's activation scales are created
-    there as well (1 until calibrated). Only this one float weight is alive beyond the quantized model.
+    ``target_device`` and quantized there into the module's storage; the module's static activation scales are
+    created there as well, as placeholders (1, flagged :attr:`~quanto_backend.QModuleMixin.awaits_calibration`: the
+    module quantizes its input per token until :class:`~quanto_backend.Calibration` sets them). Only this one float
+    weight is alive beyond the quantized model.
 
     Returns:
         ``{full name: tensor}`` of every tensor this set on the module.
@@ -137,6 +140,7 @@ def create_quantized_param(
         module.weight = nn.Parameter(param_value, requires_grad=param_value.is_floating_point())
         names = ["weight"]
     names += _materialize_quant_buffers(module, param_value.device)
+    module.mark_awaiting_calibration()  # scales of 1 are placeholders: per-token scales until Calibration runs
     module._quanto_loaded = True
     return {prefix + n: getattr(module, n) for n in names if getattr(module, n, None) is not None}
 
@@ -148,8 +152,25 @@ def init_unloaded_activation_scales(model: nn.Module) -> None:
         if isinstance(module, QModuleMixin) and not getattr(module, "_quanto_loaded", False):
             device = next((t.device for t in module.parameters() if t.device.type != "meta"), torch.device("cpu"))
             _materialize_quant_buffers(module, device)
+            module.mark_awaiting_calibration()
         if hasattr(module, "_quanto_loaded"):
             del module._quanto_loaded
+
+
+def check_calibrated(model: nn.Module) -> None:
+    """Refuse to save placeholder activation scales: written to disk they would reload as real scales of 1.
+
+    Raises:
+        ValueError: naming the first module whose static activation scales were never calibrated.
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, QModuleMixin) and module.awaits_calibration:
+            raise ValueError(
+                f"Module {name!r} has static activation scales that were never calibrated (they are placeholders "
+                "until quanto_backend.Calibration runs; meanwhile inputs are quantized per token). Calibrate before "
+                "save_pretrained: `with torch.no_grad(), Calibration(): model(samples)`, or load with "
+                "QuantoConfig(..., activation_scales='dynamic'), which saves no scales."
+            )
 
 
 def prune_activation_scales(model: nn.Module, checkpoint_keys: Iterable[str], prefix: str = "") -> list[str]:

@@ -122,6 +122,12 @@ class QuantoHfQuantizer(HfQuantizer):
             loading.init_unloaded_activation_scales(model)
         return model
 
+    def get_state_dict_and_metadata(self, model):
+        """``model.state_dict()`` as is, once checked to hold no placeholder activation scales (called by
+        ``save_pretrained`` before any file is written)."""
+        loading.check_calibrated(model)
+        return None, {}
+
     # ---- capabilities --------------------------------------------------------------------------------------
     def is_serializable(self, safe_serialization: bool | None = None) -> bool:
         """Quantized tensors are plain named tensors: ``save_pretrained`` writes them to safetensors as is."""
