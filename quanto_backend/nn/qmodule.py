@@ -217,7 +217,8 @@ class QModuleMixin:
 
     def mark_awaiting_calibration(self, awaiting: bool = True) -> None:
         """Flag (or clear) the static activation scales as placeholders; see :attr:`awaits_calibration`."""
-        self._awaiting_calibration = awaiting and self.activation_qtype is not None and self.activation_scales == "static"
+        static = self.activation_qtype is not None and self.activation_scales == "static"
+        self._awaiting_calibration = awaiting and static
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.activation_qtype is None:
