@@ -8,8 +8,7 @@ Quick start::
 """
 
 from .calibrate import Calibration
-from .integrations import QuantoConfig
-from .integrations import register as _register_with_hf
+from .integrations import register_when_imported as _register_with_hf
 from .nn import QConv2d, QLayerNorm, QLinear, QModuleMixin, register_qmodule
 from .observers import HistogramObserver, MinMaxObserver, MovingAverageMinMaxObserver, Observer
 from .qtypes import QType, qfloat8, qfloat8_e4m3fn, qfloat8_e5m2, qint2, qint4, qint8, qtypes, quint8
@@ -32,8 +31,9 @@ from .tensor import (
     quantize_weight,
 )
 
-# Registration with transformers and diffusers happens at import: neither library discovers plugins, so a
-# checkpoint saved with quant_method "quanto_backend" only loads after `import quanto_backend`.
+# Registration with transformers and diffusers: neither library discovers plugins, so a checkpoint saved with
+# quant_method "quanto_backend" only loads after `import quanto_backend`. It is done as soon as either library's
+# quantizers are imported (now, if they already are), so that this import stays light.
 _register_with_hf()
 
 __version__ = "0.1.0"
@@ -47,7 +47,11 @@ _MODEL_HELPERS = (
 
 
 def __getattr__(name: str):
-    # The model helpers import transformers/diffusers model classes: loaded on first use only.
+    # QuantoConfig and the model helpers import transformers/diffusers classes: loaded on first use only.
+    if name == "QuantoConfig":
+        from .integrations.config import QuantoConfig
+
+        return QuantoConfig
     if name in _MODEL_HELPERS:
         from . import models
 

@@ -180,3 +180,9 @@ class QuantoConfig(TransformersQuantizationConfigMixin, DiffusersQuantizationCon
         return self.to_dict() == other.to_dict()
 
     __hash__ = None  # mutable, like the libraries' configs
+
+
+# Importing the libraries above may have fired the registration hook while this module was incomplete.
+from .registration import finish_pending_registration  # noqa: E402
+
+finish_pending_registration(__name__)

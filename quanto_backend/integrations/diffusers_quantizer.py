@@ -178,3 +178,9 @@ class QuantoDiffusersQuantizer(DiffusersQuantizer):
         loading.dequantize_model(model)
         model.config.quantization_config = None
         return model
+
+
+# Importing the libraries above may have fired the registration hook while this module was incomplete.
+from .registration import finish_pending_registration  # noqa: E402
+
+finish_pending_registration(__name__)

@@ -146,3 +146,9 @@ class QuantoHfQuantizer(HfQuantizer):
 
     def _dequantize(self, model, dtype: torch.dtype | None = None):
         return loading.dequantize_model(model, dtype)
+
+
+# Importing the libraries above may have fired the registration hook while this module was incomplete.
+from .registration import finish_pending_registration  # noqa: E402
+
+finish_pending_registration(__name__)
