@@ -79,6 +79,8 @@ def replace_with_qmodules(model: nn.Module, config: QuantoConfig, skip: Iterable
     )
     if config.activation_scales != "static":
         qconfig["activation_scales"] = config.activation_scales
+    if config.optimizer is not None:
+        qconfig["optimizer"] = config.optimizer
     replaced = []
     for name, module in list(model.named_modules()):
         if not name or is_skipped(name, skip) or isinstance(module, QModuleMixin):
