@@ -54,11 +54,18 @@ def test_import_loads_no_hf_library(tmp_path):
     assert out.strip() == "[]"
 
 
-@pytest.mark.parametrize("order", ["quanto_backend first", "transformers first"])
+FIRST_IMPORTS = {
+    "quanto_backend first": "import quanto_backend",
+    "transformers first": "from transformers import AutoModelForCausalLM\nimport quanto_backend",
+    "QuantoConfig first": "from quanto_backend import QuantoConfig",
+    "loading module first": "import quanto_backend.integrations.loading",
+    "quantizer module first": "import quanto_backend.integrations.transformers_quantizer",
+}
+
+
+@pytest.mark.parametrize("order", list(FIRST_IMPORTS))
 def test_transformers_from_pretrained_after_lazy_registration(tmp_path, order):
-    first, second = "import quanto_backend", "from transformers import AutoModelForCausalLM"
-    if order == "transformers first":
-        first, second = second, first
+    first, second = FIRST_IMPORTS[order], "from transformers import AutoModelForCausalLM"
     run_python(
         tmp_path / "llama",
         f"{first}\n{second}",

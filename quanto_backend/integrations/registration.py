@@ -73,25 +73,31 @@ def _initializing(name: str) -> bool:
     return module is not None and bool(getattr(getattr(module, "__spec__", None), "_initializing", False))
 
 
+# Our modules that :func:`register` imports and uses at once. Each imports a library at its top, which may fire
+# the hook while it is half-imported; each ends with :func:`finish_pending_registration`.
+REGISTRATION_MODULES = tuple(
+    f"{__package__}.{name}" for name in ("config", "transformers_quantizer", "diffusers_quantizer")
+)
+
+
 def _integration_module_initializing(caller: str | None = None) -> bool:
-    """Whether one of our modules that :func:`register` needs is half-imported (other than ``caller``)."""
-    return any(
-        name.startswith(__package__ + ".") and name != caller and _initializing(name) for name in list(sys.modules)
-    )
+    """Whether one of :data:`REGISTRATION_MODULES` other than ``caller`` is half-imported."""
+    return any(name != caller and _initializing(name) for name in REGISTRATION_MODULES)
 
 
 def finish_pending_registration(caller: str) -> None:
     """Called at the end of each integration module that imports a library: if that import fired the hook while
     this module was half-imported, register now that it is complete."""
-    global _pending
-    if _pending and not _integration_module_initializing(caller):
-        _pending = False
-        _register_after_import()
+    if _pending:
+        _register_after_import(caller)
 
 
-def _register_after_import() -> None:
+def _register_after_import(caller: str | None = None) -> None:
     global _pending
-    if _integration_module_initializing():
+    if _registering:
+        return  # fired by register() itself importing the other library: it finishes the work
+    _pending = False
+    if _integration_module_initializing(caller):
         # One of our own modules imported the library (e.g. config.py its base classes): registering needs that
         # module whole, so its last line finishes the job.
         _pending = True
