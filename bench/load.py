@@ -161,9 +161,15 @@ def _env(baseline: Path | None) -> dict[str, str] | None:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(baseline), os.environ.get("PYTHONPATH")]))}
 
 
+# `python -c` puts its working directory first on sys.path: run it where no quanto_backend source tree is.
+_NEUTRAL_DIR = tempfile.gettempdir()
+
+
 def import_seconds(statement: str, baseline: Path | None = None) -> float:
     code = f"import time; t = time.perf_counter(); {statement}; print(time.perf_counter() - t)"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=_env(baseline))
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=_env(baseline), cwd=_NEUTRAL_DIR
+    )
     return float(done.stdout.strip().splitlines()[-1])
 
 
@@ -179,7 +185,8 @@ def measure_import(repeats: int, baseline: Path | None) -> dict:
     result = {"import_torch_s": statistics.median(samples["torch"]), "samples_s": samples}
     for name, path in versions.items():
         code = f"import sys, quanto_backend; print([m for m in {HEAVY_MODULES!r} if m in sys.modules])"
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=_env(path))
+        command = [sys.executable, "-c", code]
+        done = subprocess.run(command, capture_output=True, text=True, check=True, env=_env(path), cwd=_NEUTRAL_DIR)
         result[name] = {
             "import_quanto_backend_s": statistics.median(samples[name]),
             "extra_over_torch_s": statistics.median(samples[name]) - result["import_torch_s"],
