@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from plot import machine_info  # bench/plot.py, next to this script
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -257,8 +258,6 @@ def run(args: argparse.Namespace) -> dict:
             if reference is not None:
                 row["logits_cosine_vs_float32"] = cosine(torch.load(runs[0]["logits"]), reference)
             rows.append(row)
-    from plot import machine_info  # bench/plot.py
-
     return {
         "benchmark": "load",
         "model": f"Llama-architecture, {summary['parameters'] / 1e6:.0f}M parameters (random, float32 checkpoint)",
