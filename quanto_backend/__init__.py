@@ -21,9 +21,7 @@ from .compat import (
     absmax_scale,
     quantize_weight,
 )
-from .integrations import QuantoConfig
-from .integrations import register as _register_with_hf
-from .kv_cache import QuantizedCache
+from .integrations import register_when_imported as _register_with_hf
 from .nn import QConv2d, QLayerNorm, QLinear, QModuleMixin, quantize_module, register_qmodule
 from .observers import HistogramObserver, MinMaxObserver, MovingAverageMinMaxObserver, Observer
 from .qtypes import (
@@ -48,6 +46,7 @@ from .tensor import (
     GroupedQWeight,
     HqqOptimizer,
     MinMaxOptimizer,
+    MseOptimizer,
     PerAxisAffineQWeight,
     PerAxisQWeight,
     QActivation,
@@ -56,26 +55,29 @@ from .tensor import (
     quantize_activation,
 )
 
-# Registration with transformers and diffusers happens at import: neither library discovers plugins, so a
-# checkpoint saved with quant_method "quanto_backend" only loads after `import quanto_backend`.
+# Registration with transformers and diffusers: neither library discovers plugins, so a checkpoint saved with
+# quant_method "quanto_backend" only loads after `import quanto_backend`. It is done as soon as either library's
+# quantizers are imported (now, if they already are), so that this import stays light.
 _register_with_hf()
 
 __version__ = "0.1.0"
 
-_MODEL_HELPERS = (
-    "QuantizedDiffusersModel",
-    "QuantizedModelForCausalLM",
-    "QuantizedPixArtTransformer2DModel",
-    "QuantizedTransformersModel",
-)
+# These import transformers/diffusers classes (seconds): loaded on first use only, by the module that holds them.
+_LAZY = {
+    "QuantoConfig": "integrations.config",
+    "QuantizedCache": "kv_cache",
+    "QuantizedDiffusersModel": "models",
+    "QuantizedModelForCausalLM": "models",
+    "QuantizedPixArtTransformer2DModel": "models",
+    "QuantizedTransformersModel": "models",
+}
 
 
 def __getattr__(name: str):
-    # The model helpers import transformers/diffusers model classes: loaded on first use only.
-    if name in _MODEL_HELPERS:
-        from . import models
+    if name in _LAZY:
+        import importlib
 
-        return getattr(models, name)
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'quanto_backend' has no attribute {name!r}")
 
 
@@ -99,6 +101,7 @@ __all__ = [
     "MinMaxObserver",
     "MinMaxOptimizer",
     "MovingAverageMinMaxObserver",
+    "MseOptimizer",
     "Observer",
     "PerAxisAffineQWeight",
     "PerAxisQWeight",

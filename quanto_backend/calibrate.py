@@ -98,6 +98,7 @@ class Calibration(TorchFunctionMode):
             zero_point_buffer.copy_(zero_point)
 
     def _update(self, module: nn.Module, name: str, x: torch.Tensor) -> None:
+        module.mark_awaiting_calibration(False)  # its static scales are measured from now on
         if self.observer is not None or module.activation_qtype == quint8:
             self._observe(module, name.removesuffix("_scale"), x)
             return

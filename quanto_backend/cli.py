@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import zlib
 from pathlib import Path
 
 import torch
@@ -52,6 +53,48 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+# Files of which at least one is in a folder that holds a tokenizer (fast, WordPiece, BPE or SentencePiece).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.txt",
+    "vocab.json",
+    "spiece.model",
+)
+
+
+class RandomTokens:
+    """Stands in for the tokenizer of a model folder that has none: each sentence becomes ``length`` token ids
+    drawn from the model's vocabulary, seeded by the sentence, so every configuration sees the same inputs."""
+
+    def __init__(self, vocab_size: int, length: int = 16):
+        self.vocab_size, self.length = vocab_size, length
+
+    def __call__(self, sentences: list[str], **kwargs) -> dict[str, torch.Tensor]:
+        seeds = [zlib.crc32(sentence.encode()) for sentence in sentences]
+        generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+        ids = [torch.randint(0, self.vocab_size, (self.length,), generator=g) for g in generators]
+        input_ids = torch.stack(ids)
+        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+
+
+def _check_not_quantized(model_dir: Path) -> None:
+    """Refuse a folder whose ``config.json`` says its weights are quantized: the report compares quantizations of
+    a float model with that float model, which such a folder no longer holds."""
+    config = json.loads((model_dir / "config.json").read_text())
+    qconfig = config.get("quantization_config")
+    if qconfig is None:
+        return
+    method = qconfig.get("quant_method", "unknown") if isinstance(qconfig, dict) else qconfig
+    details = ", ".join(f"{k}={qconfig[k]}" for k in ("weights", "activations", "group_size") if qconfig.get(k))
+    raise ValueError(
+        f"{model_dir} holds an already-quantized model (quant_method={method}{', ' + details if details else ''}); "
+        "quanto-backend quantizes a float model and measures each quantization against it: point --model at the "
+        "float checkpoint it was made from"
+    )
+
+
 def _load(model_dir: Path):
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging
@@ -60,12 +103,16 @@ def _load(model_dir: Path):
 
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir} is not a transformers model folder (no config.json)")
+    _check_not_quantized(model_dir)
     config = AutoConfig.from_pretrained(model_dir)
     causal = any(arch.endswith("ForCausalLM") for arch in (config.architectures or []))
     model_cls = AutoModelForCausalLM if causal else AutoModel
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    if any((model_dir / name).is_file() for name in TOKENIZER_FILES):
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    else:
+        tokenizer = RandomTokens(config.vocab_size)
     return (lambda: model_cls.from_pretrained(model_dir, dtype=torch.float32).eval()), tokenizer
 
 
@@ -83,7 +130,8 @@ def _save(model_dir: Path, tokenizer, qtype, args: argparse.Namespace) -> None:
     qconfig = QuantoConfig(weights=qtype, group_size=group_size, modules_to_not_convert=args.exclude)
     out = args.output / qtype.name.removeprefix("q")
     model_cls.from_pretrained(model_dir, dtype=torch.float32, quantization_config=qconfig).save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    if not isinstance(tokenizer, RandomTokens):
+        tokenizer.save_pretrained(out)
 
 
 def run(argv: list[str] | None = None) -> list[dict]:
@@ -100,7 +148,8 @@ def run(argv: list[str] | None = None) -> list[dict]:
             progress.set_postfix_str(str(qtype or "float32"))
             model = load()
             if qtype is not None:
-                quantize(model, weights=qtype, group_size=args.group_size, exclude=args.exclude)
+                group_size = args.group_size if qtype.is_packed else None  # 8-bit weights take no group size
+                quantize(model, weights=qtype, group_size=group_size, exclude=args.exclude)
                 freeze(model)
                 if args.output is not None:
                     _save(model_dir, tokenizer, qtype, args)
@@ -117,14 +166,17 @@ def run(argv: list[str] | None = None) -> list[dict]:
                     "latency_ms": latency * 1e3,
                 }
             )
-    _print_table(model_dir, rows, len(sentences), len(timed_batch))
+    inputs = None if not isinstance(tokenizer, RandomTokens) else f"{tokenizer.length} random token ids per sentence"
+    _print_table(model_dir, rows, len(sentences), len(timed_batch), inputs)
     if args.json:
         args.json.write_text(json.dumps({"model": str(model_dir), "rows": rows}, indent=2))
     return rows
 
 
-def _print_table(model_dir: Path, rows: list[dict], n_sentences: int, batch: int) -> None:
+def _print_table(model_dir: Path, rows: list[dict], n_sentences: int, batch: int, inputs: str | None = None) -> None:
     print(f"model: {model_dir}")
+    if inputs is not None:
+        print(f"inputs: the folder has no tokenizer, so each of the {n_sentences} sentences is {inputs}")
     print(f"cosine: mean over {n_sentences} sentences of mean-pooled last hidden states vs float32")
     print(f"latency: median CPU time of one forward pass over {batch} sentences ({torch.get_num_threads()} threads)")
     print("size: MB of the Linear/Conv2d layers (those quantized) and of the whole model")

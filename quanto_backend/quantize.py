@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from .nn import QModuleMixin, qmodule_class, quantize_module
-from .qtypes import QType
+from .qtypes import QType, as_qtype
+from .tensor import WEIGHT_QTYPES
 
 __all__ = ["freeze", "quantization_map", "quantize", "read_checkpoint", "register_checkpoint_reader", "requantize"]
 
@@ -80,7 +81,8 @@ def quantize(
         include: fnmatch patterns of module names to quantize (default: all).
         exclude: fnmatch patterns of module names to leave float.
         optimizer: ``"absmax"``, ``"minmax"``, ``"hqq"`` or an optimizer instance (default per qtype).
-        group_size: inputs per group of the 2/4-bit formats (default 128).
+        group_size: inputs per group of the 2/4-bit formats (default 128); must stay ``None`` for 8-bit weights
+            (one scale per output channel), or a ``ValueError`` names it.
         activation_scales: ``"static"`` (per-tensor scales set by :class:`~quanto_backend.Calibration` or the
             static workflow) or ``"dynamic"`` (symmetric int8/float8 scales per token, computed on the fly: no
             calibration needed).
@@ -152,6 +154,9 @@ def requantize(
             raise KeyError(f"quantization_map names module {name!r}, which the model does not have") from e
         qconfig = dict(qconfig)
         quantize_output = qconfig.pop("quantize_output", True)
+        weights = qconfig.get("weights")
+        if weights is not None and not as_qtype(weights, WEIGHT_QTYPES, "weights").is_packed:
+            qconfig["group_size"] = None  # maps written before 8-bit weights refused a group size recorded it
         qmodule = quantize_module(module.to("meta"), **qconfig, quantize_output=quantize_output)
         if qmodule is None:
             raise ValueError(f"Module {name!r} ({type(module).__name__}) has no quantized version")

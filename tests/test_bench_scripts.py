@@ -157,3 +157,15 @@ def test_qlora_memory(tmp_path):
     assert rows["int4"]["base_storage_MiB"] < rows["bfloat16"]["base_storage_MiB"]
     assert rows["int4"]["trainable_params"] == rows["bfloat16"]["trainable_params"] > 0
     assert rows["bfloat16"]["peak_above_imports_vs_bfloat16"] == 1.0
+
+
+def test_load(tmp_path):
+    out = tmp_path / "load.json"
+    run_script("load.py", "--quick", "--repeats", "1", "--no-import", "--configs", "float32", "int4", "--output", out)
+    report = json.loads(out.read_text())
+    rows = {r["config"]: r for r in report["rows"]}
+    assert set(rows) == {"float32", "int4"} and report["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert abs(rows["float32"]["logits_cosine_vs_float32"] - 1) < 1e-9
+    assert 0.5 < rows["int4"]["logits_cosine_vs_float32"] < 0.9999
+    assert rows["int4"]["model_mb"] < rows["float32"]["model_mb"]
+    assert all(r["load_s_median"] > 0 and r["float_layer_mb"] > 0 for r in rows.values())

@@ -71,13 +71,19 @@ def test_load_state_dict_with_assign_aligns_the_assigned_storage():
     assert torch.equal(target[0].weight, state["0.weight"])
 
 
+def _close_to_reference(out: torch.Tensor, expected: torch.Tensor) -> bool:
+    # The dequantizing path rounds like the reference, in another order: bfloat16 rounding at most.
+    return out.dtype == expected.dtype and ((out.float() - expected.float()).norm() / expected.float().norm()) < 1e-2
+
+
 @pytest.mark.parametrize("in_features", [40, 264, 1000])
 @pytest.mark.parametrize("rows", [1, 2, 7])
-def test_in_features_outside_the_contract_take_the_reference(in_features, rows):
+def test_in_features_outside_the_contract_never_reach_the_kernel(monkeypatch, in_features, rows):
     q, scale = ops.quantize_per_token(torch.randn(24, in_features), torch.int8)
     x = torch.randn(rows, in_features, dtype=torch.bfloat16)
-    out = ops.linear_w8(x, q, scale.to(torch.bfloat16), None)
-    assert torch.equal(out, reference.linear_w8(x, q, scale.to(torch.bfloat16), None))
+    expected = reference.linear_w8(x, q, scale.to(torch.bfloat16), None)
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda *a: pytest.fail("kernel called outside its contract"))
+    assert _close_to_reference(ops.linear_w8(x, q, scale.to(torch.bfloat16), None), expected)
 
 
 def test_a_misaligned_weight_given_directly_is_not_trusted(monkeypatch):
@@ -87,7 +93,7 @@ def test_a_misaligned_weight_given_directly_is_not_trusted(monkeypatch):
     weight.copy_(q)
     monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda *a: pytest.fail("kernel called on misaligned storage"))
     x = torch.randn(4, 64, dtype=torch.bfloat16)
-    assert torch.equal(ops.linear_w8(x, weight, scale, None), reference.linear_w8(x, weight, scale, None))
+    assert _close_to_reference(ops.linear_w8(x, weight, scale, None), reference.linear_w8(x, weight, scale, None))
 
 
 def test_an_unmeasured_cpu_capability_takes_the_reference(monkeypatch):

@@ -43,7 +43,8 @@ def test_quantization_map():
 
 @pytest.mark.parametrize("weights, activations", [(qint8, None), (qint4, None), ("float8", None), (qint8, qint8)])
 def test_safetensors_round_trip_is_bit_identical(tmp_path, weights, activations):
-    model = quantize(Block(), weights=weights, activations=activations, group_size=32)
+    group_size = 32 if weights == qint4 else None
+    model = quantize(Block(), weights=weights, activations=activations, group_size=group_size)
     x = torch.randn(4, 32)
     if activations:
         with torch.no_grad(), Calibration():
@@ -106,3 +107,28 @@ def test_unknown_module_in_map(tmp_path):
     qmap["nope"] = qmap["attn"]
     with pytest.raises(KeyError, match="nope"):
         requantize(_meta_block(), state, qmap)
+
+
+@pytest.mark.parametrize("weights", ["int8", "float8"])
+def test_group_size_refused_for_8bit_weights_as_quanto_config_does(weights):
+    # quantize() and QuantoConfig (from_pretrained) give the same answer to the same options.
+    from quanto_backend import QuantoConfig
+
+    message = "group_size=64 applies only to int4/int2 weights"
+    with pytest.raises(ValueError, match=message):
+        quantize(Block(), weights=weights, group_size=64)
+    with pytest.raises(ValueError, match=message):
+        QuantoConfig(weights=weights, group_size=64)
+    # Both accept it where it means something.
+    assert QuantoConfig(weights="int4", group_size=64).group_size == 64
+    assert quantization_map(quantize(Block(), weights="int4", group_size=64))["attn"]["group_size"] == 64
+
+
+def test_requantize_accepts_a_map_recording_a_group_size_for_int8(tmp_path):
+    model = freeze(quantize(Block(), weights=qint8))
+    qmap = {name: {**qconfig, "group_size": 32} for name, qconfig in quantization_map(model).items()}
+    with torch.device("meta"):
+        skeleton = Block()
+    reloaded = requantize(skeleton, model.state_dict(), qmap, device="cpu")
+    x = torch.randn(2, 32)
+    torch.testing.assert_close(reloaded(x), model(x))

@@ -142,3 +142,36 @@ def test_conv_weight_grouped_over_flattened_inputs():
     assert q.scale.shape == (8, 2)  # 27 inputs padded to 32
     assert q.dequantize().shape == w.shape
     assert _rel_error(q, w) < 0.12
+
+
+def test_mse_clip_search_is_near_hqq_and_the_4bit_default(minilm_weight):
+    from quanto_backend import MseOptimizer
+
+    for group_size in (128, 32):
+        minmax = _rel_error(quantize_weight(minilm_weight, qint4, group_size, MinMaxOptimizer()), minilm_weight)
+        hqq = _rel_error(quantize_weight(minilm_weight, qint4, group_size, HqqOptimizer()), minilm_weight)
+        mse = _rel_error(quantize_weight(minilm_weight, qint4, group_size, MseOptimizer()), minilm_weight)
+        default = _rel_error(quantize_weight(minilm_weight, qint4, group_size), minilm_weight)
+        assert mse < minmax * 0.97 and mse < hqq * (1.01 if group_size == 128 else 1.04), (group_size, mse, hqq, minmax)
+        assert default == mse
+        assert _rel_error(quantize_weight(minilm_weight, qint4, group_size, "mse"), minilm_weight) == mse
+    # At 2 bits HQQ stays the default.
+    assert _rel_error(quantize_weight(minilm_weight, qint2, 64), minilm_weight) == _rel_error(
+        quantize_weight(minilm_weight, qint2, 64, HqqOptimizer()), minilm_weight
+    )
+
+
+def test_mse_clip_search_never_worse_than_minmax_and_exact_on_flat_groups():
+    from quanto_backend import MseOptimizer
+
+    torch.manual_seed(0)
+    w = torch.randn(16, 256) * torch.rand(16, 1) * 3
+    w[3] = 0.5  # constant rows: exact, as with min-max
+    w[4, :128] = 0
+    for shrink in [(1.0,), (1.0, 0.8), (1.0, 0.9, 0.8, 0.7)]:
+        q = quantize_weight(w, qint4, 128, MseOptimizer(shrink))
+        per_group = lambda q: ((q.dequantize() - w) ** 2).reshape(16, 2, 128).sum(-1)  # noqa: E731
+        assert (per_group(q) <= per_group(quantize_weight(w, qint4, 128, "minmax")) + 1e-6).all()
+        assert (q.dequantize()[3] == 0.5).all() and (q.dequantize()[4, :128] == 0).all()
+    with pytest.raises(ValueError, match="shrink"):
+        MseOptimizer((1.0, 1.5))

@@ -18,6 +18,9 @@ from ..nn.qmodule import ACTIVATION_SCALES
 from ..qtypes import QType, as_qtype
 from ..tensor import ACTIVATION_QTYPES, DEFAULT_GROUP_SIZE, WEIGHT_QTYPES, group_layout
 
+# The optimizers a config may name for 2/4-bit weights (8-bit weights have only "absmax").
+OPTIMIZER_NAMES_PACKED = ("mse", "minmax", "hqq")
+
 __all__ = ["FORMAT_VERSION", "QUANT_METHOD", "QuantoBackendMethod", "QuantoConfig"]
 
 # Version of the on-disk layout (tensor names, packing, sign of the shift, scale shapes) that a checkpoint's
@@ -56,12 +59,18 @@ class QuantoConfig(TransformersQuantizationConfigMixin, DiffusersQuantizationCon
     Args:
         weights: weight format: ``"int8"``, ``"int4"``, ``"int2"``, ``"float8"`` (= ``"float8_e4m3fn"``),
             ``"float8_e5m2"``, or a qtype (``qint8``...). ``weights_dtype=`` (diffusers' spelling) is accepted too.
-        activations: ``None`` (weight-only), ``"int8"``, ``"float8"`` or ``"float8_e5m2"``. Activation scales start
-            at 1 and are set by running :class:`~quanto_backend.Calibration` on the loaded model.
+        activations: ``None`` (weight-only), ``"int8"``, ``"uint8"``, ``"float8"`` or ``"float8_e5m2"``. Static
+            activation scales are set by running :class:`~quanto_backend.Calibration` on the loaded model; until
+            then int8/float8 inputs are quantized with dynamic per-token scales (never with the placeholder
+            scales), uint8 ones refuse to run, and ``save_pretrained`` refuses to save.
         activation_scales: ``"static"`` (per tensor, set by calibration) or ``"dynamic"`` (per token, computed on
             the fly: no calibration; int8 and float8 activations).
         group_size: inputs per group of the 2/4-bit formats (default 128; recorded as the number it resolves to).
-            Ignored (recorded as ``None``) for 8-bit weights.
+            Refused for 8-bit weights (one scale per output channel), as by :func:`~quanto_backend.quantize`.
+        optimizer: how quantize-on-load chooses 2/4-bit scales and shifts: ``None`` (the default of
+            :func:`~quanto_backend.quantize_weight`), ``"mse"``, ``"minmax"`` or ``"hqq"`` (slower, sometimes a bit
+            more accurate); 8-bit weights take only ``"absmax"``. Recorded in ``config.json`` when given; a
+            pre-quantized checkpoint never re-runs it.
         modules_to_not_convert: module names (or fnmatch patterns) to keep float. ``None`` keeps the libraries'
             defaults float (transformers: the output embedding / ``lm_head``, tied weights, the last module).
             Tied weights always stay float, whatever this says.
@@ -81,6 +90,7 @@ class QuantoConfig(TransformersQuantizationConfigMixin, DiffusersQuantizationCon
         format_version: int = FORMAT_VERSION,
         weights_dtype: QType | str | None = None,
         activation_scales: str = "static",
+        optimizer: str | None = None,
         **kwargs: Any,
     ) -> None:
         # ``from_dict`` passes the serialized ``quant_method`` back; anything else is a typo or a newer field.
@@ -88,7 +98,7 @@ class QuantoConfig(TransformersQuantizationConfigMixin, DiffusersQuantizationCon
         if kwargs:
             accepted = (
                 "weights, activations, group_size, modules_to_not_convert, format_version, weights_dtype, "
-                "activation_scales"
+                "activation_scales, optimizer"
             )
             raise TypeError(f"QuantoConfig got unknown arguments {sorted(kwargs)}; accepted: {accepted}")
         if str(getattr(method, "value", method)) != QUANT_METHOD.value:
@@ -111,6 +121,8 @@ class QuantoConfig(TransformersQuantizationConfigMixin, DiffusersQuantizationCon
             )
         self.activation_scales = activation_scales
         self.group_size = self._check_group_size(group_size)
+        if optimizer is not None:  # only written when given, so that default configs stay as they were
+            self.optimizer = self._check_optimizer(optimizer)
         self.modules_to_not_convert = self._check_modules(modules_to_not_convert)
         if not isinstance(format_version, int) or isinstance(format_version, bool) or format_version < 1:
             raise ValueError(f"quantization_config format_version must be a positive int, got {format_version!r}")
@@ -152,6 +164,16 @@ class QuantoConfig(TransformersQuantizationConfigMixin, DiffusersQuantizationCon
         group_layout(group_size, group_size)  # raises a ValueError naming the accepted values
         return group_size
 
+    optimizer: str | None = None
+
+    def _check_optimizer(self, optimizer: str) -> str:
+        accepted = OPTIMIZER_NAMES_PACKED if self.weights_qtype.is_packed else ("absmax",)
+        if not isinstance(optimizer, str) or optimizer.lower() not in accepted:
+            raise ValueError(
+                f"Unsupported optimizer {optimizer!r} for {self.weights} weights; accepted: {', '.join(accepted)}"
+            )
+        return optimizer.lower()
+
     @staticmethod
     def _check_modules(modules: list[str] | str | None) -> list[str] | None:
         if modules is None:
@@ -178,3 +200,9 @@ class QuantoConfig(TransformersQuantizationConfigMixin, DiffusersQuantizationCon
         return self.to_dict() == other.to_dict()
 
     __hash__ = None  # mutable, like the libraries' configs
+
+
+# Importing the libraries above may have fired the registration hook while this module was incomplete.
+from .registration import finish_pending_registration  # noqa: E402
+
+finish_pending_registration(__name__)

@@ -11,6 +11,7 @@ Pre-quantized checkpoints load into a frozen skeleton (exact storage shapes and 
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -152,11 +153,18 @@ class QuantoDiffusersQuantizer(DiffusersQuantizer):
         loading.align_storage(model)
         if not self.pre_quantized:
             loading.init_unloaded_activation_scales(model)
+        # diffusers' save hooks get no model: keep a weak reference to check it before anything is written.
+        self._model = weakref.ref(model)
         return model
 
     # ---- capabilities ------------------------------------------------------------------------------------------
     @property
     def is_serializable(self) -> bool:
+        """True; raises if the loaded model still holds placeholder activation scales (``save_pretrained`` asks
+        this before writing any file)."""
+        model = self._model() if getattr(self, "_model", None) is not None else None
+        if model is not None:
+            loading.check_calibrated(model)
         return True
 
     @property
@@ -171,3 +179,9 @@ class QuantoDiffusersQuantizer(DiffusersQuantizer):
         loading.dequantize_model(model)
         model.config.quantization_config = None
         return model
+
+
+# Importing the libraries above may have fired the registration hook while this module was incomplete.
+from .registration import finish_pending_registration  # noqa: E402
+
+finish_pending_registration(__name__)

@@ -6,6 +6,9 @@ Kept free of either library's classes so that both quantizers call the very same
 
 from __future__ import annotations
 
+import ctypes
+import mmap
+import sys
 from collections.abc import Iterable
 from fnmatch import fnmatch
 from typing import Any
@@ -19,6 +22,9 @@ from .config import QuantoConfig
 __all__ = [
     "align_storage",
     "QUANT_BUFFERS",
+    "release_checkpoint_pages",
+    "trim_heap",
+    "check_calibrated",
     "create_quantized_param",
     "dequantize_model",
     "is_skipped",
@@ -79,6 +85,8 @@ def replace_with_qmodules(model: nn.Module, config: QuantoConfig, skip: Iterable
     )
     if config.activation_scales != "static":
         qconfig["activation_scales"] = config.activation_scales
+    if config.optimizer is not None:
+        qconfig["optimizer"] = config.optimizer
     replaced = []
     for name, module in list(model.named_modules()):
         if not name or is_skipped(name, skip) or isinstance(module, QModuleMixin):
@@ -111,6 +119,73 @@ def param_needs_quantization(model: nn.Module, param_name: str) -> bool:
     return isinstance(module, QModuleMixin) and tensor_name == "weight"
 
 
+_MADV_DONTNEED = 4  # linux/mman.h
+_MAPPINGS: list[tuple[int, int]] = []  # the last ranges read by _checkpoint_mappings
+
+
+def _checkpoint_mappings() -> list[tuple[int, int]]:
+    """The address ranges of this process's private file mappings of ``*.safetensors`` files (Linux)."""
+    ranges = []
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split()
+                if len(fields) >= 6 and fields[5].endswith(".safetensors") and fields[1].endswith("p"):
+                    start, end = (int(x, 16) for x in fields[0].split("-"))
+                    ranges.append((start, end))
+    except OSError:
+        pass
+    return ranges
+
+
+def release_checkpoint_pages(tensor: torch.Tensor) -> bool:
+    """Drop from this process's resident memory the pages of a float checkpoint tensor once it is quantized.
+
+    The loaders hand over tensors that are views of the memory-mapped safetensors file: every page a
+    quantization reads stays resident (and counts in the process's RSS) until the whole file is unmapped at the
+    end of the load, so a quantize-on-load would peak near the float checkpoint's size. ``MADV_DONTNEED`` on a
+    private, unmodified file mapping only forgets the pages: a later read faults them in again from the file,
+    unchanged. Only the pages lying entirely inside the tensor are released (a neighbour's bytes are never
+    touched), and only when the tensor lies inside such a mapping.
+
+    Returns:
+        Whether pages were released.
+    """
+    if tensor.device.type != "cpu" or not sys.platform.startswith("linux") or tensor.numel() == 0:
+        return False
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    if not tensor.is_contiguous():
+        return False
+    inside = lambda ranges: any(a <= start and end <= b for a, b in ranges)  # noqa: E731
+    if not inside(_MAPPINGS):  # the maps file is long: read again only for an address not seen mapped yet
+        _MAPPINGS[:] = _checkpoint_mappings()
+        if not inside(_MAPPINGS):
+            return False
+    page = mmap.PAGESIZE
+    first, last = -(-start // page) * page, end // page * page
+    if last <= first:
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return libc.madvise(first, last - first, _MADV_DONTNEED) == 0
+
+
+def trim_heap() -> None:
+    """Give the C heap's free memory back to the system (glibc ``malloc_trim``; elsewhere nothing).
+
+    Quantizing a weight allocates and frees a few temporaries of its size. glibc raises its mmap threshold to the
+    largest block freed so far, so later temporaries come from the heap, and freed heap memory stays resident: over
+    a load these add up to several float layers of RSS that no tensor uses.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (AttributeError, OSError):  # not glibc (musl has no malloc_trim)
+        pass
+
+
 @torch.no_grad()
 def create_quantized_param(
     model: nn.Module, param_value: torch.Tensor, param_name: str, target_device: torch.device | str | int | None
@@ -118,8 +193,10 @@ def create_quantized_param(
     """The per-parameter step of quantize-on-load, shared by the transformers and diffusers quantizers.
 
     The float checkpoint tensor ``param_value`` (the ``weight`` of a quantized module) is moved to
-    ``target_device`` and quantized there into the module's storage; the module's activation scales are created
-    there as well (1 until calibrated). Only this one float weight is alive beyond the quantized model.
+    ``target_device`` and quantized there into the module's storage; the module's static activation scales are
+    created there as well, as placeholders (1, flagged :attr:`~quanto_backend.QModuleMixin.awaits_calibration`: the
+    module quantizes its input per token until :class:`~quanto_backend.Calibration` sets them). Only this one float
+    weight is alive beyond the quantized model.
 
     Returns:
         ``{full name: tensor}`` of every tensor this set on the module.
@@ -134,10 +211,13 @@ def create_quantized_param(
     if module.weight_qtype is not None:
         module.set_quantized_weight(param_value)
         names = ["weight", "weight_scale", "weight_shift"]
+        release_checkpoint_pages(param_value)  # read once, quantized: no need to keep it resident
+        trim_heap()  # the quantization's temporaries are freed: so is their memory
     else:  # a normalization of an activation-quantized model: its weight stays float
         module.weight = nn.Parameter(param_value, requires_grad=param_value.is_floating_point())
         names = ["weight"]
     names += _materialize_quant_buffers(module, param_value.device)
+    module.mark_awaiting_calibration()  # scales of 1 are placeholders: per-token scales until Calibration runs
     module._quanto_loaded = True
     return {prefix + n: getattr(module, n) for n in names if getattr(module, n, None) is not None}
 
@@ -149,8 +229,25 @@ def init_unloaded_activation_scales(model: nn.Module) -> None:
         if isinstance(module, QModuleMixin) and not getattr(module, "_quanto_loaded", False):
             device = next((t.device for t in module.parameters() if t.device.type != "meta"), torch.device("cpu"))
             _materialize_quant_buffers(module, device)
+            module.mark_awaiting_calibration()
         if hasattr(module, "_quanto_loaded"):
             del module._quanto_loaded
+
+
+def check_calibrated(model: nn.Module) -> None:
+    """Refuse to save placeholder activation scales: written to disk they would reload as real scales of 1.
+
+    Raises:
+        ValueError: naming the first module whose static activation scales were never calibrated.
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, QModuleMixin) and module.awaits_calibration:
+            raise ValueError(
+                f"Module {name!r} has static activation scales that were never calibrated (they are placeholders "
+                "until quanto_backend.Calibration runs; meanwhile inputs are quantized per token). Calibrate before "
+                "save_pretrained: `with torch.no_grad(), Calibration(): model(samples)`, or load with "
+                "QuantoConfig(..., activation_scales='dynamic'), which saves no scales."
+            )
 
 
 def prune_activation_scales(model: nn.Module, checkpoint_keys: Iterable[str], prefix: str = "") -> list[str]:

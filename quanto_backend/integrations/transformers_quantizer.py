@@ -123,6 +123,12 @@ class QuantoHfQuantizer(HfQuantizer):
             loading.init_unloaded_activation_scales(model)
         return model
 
+    def get_state_dict_and_metadata(self, model):
+        """``model.state_dict()`` as is, once checked to hold no placeholder activation scales (called by
+        ``save_pretrained`` before any file is written)."""
+        loading.check_calibrated(model)
+        return None, {}
+
     # ---- capabilities --------------------------------------------------------------------------------------
     def is_serializable(self, safe_serialization: bool | None = None) -> bool:
         """Quantized tensors are plain named tensors: ``save_pretrained`` writes them to safetensors as is."""
@@ -141,3 +147,9 @@ class QuantoHfQuantizer(HfQuantizer):
 
     def _dequantize(self, model, dtype: torch.dtype | None = None):
         return loading.dequantize_model(model, dtype)
+
+
+# Importing the libraries above may have fired the registration hook while this module was incomplete.
+from .registration import finish_pending_registration  # noqa: E402
+
+finish_pending_registration(__name__)

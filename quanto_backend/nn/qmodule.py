@@ -143,6 +143,13 @@ class QModuleMixin:
         self.group_size = group_size
         if self.weight_qtype is not None and self.weight_qtype.is_packed:
             group_layout(self.weight_shape[1:].numel(), group_size)  # validates group_size early
+        elif self.weight_qtype is not None and group_size is not None:
+            # 8-bit weights have one scale per output channel: a group size would be silently meaningless
+            # (QuantoConfig refuses it with the same message).
+            raise ValueError(
+                f"group_size={group_size!r} applies only to int4/int2 weights, not {self.weight_qtype.name}; "
+                "leave it None for 8-bit weights"
+            )
         if self.activation_qtype is not None and activation_scales == "static":
             # The input scale exists wherever the class quantizes inputs, also when an instance was built with
             # quantize_input=False (optimum-quanto's modules always carry it): calibration still records it.
@@ -277,6 +284,18 @@ class QModuleMixin:
         return not self.frozen and torch.is_grad_enabled() and self.weight.requires_grad
 
     # ---- activations ---------------------------------------------------------------------------------------
+    @property
+    def awaits_calibration(self) -> bool:
+        """Whether this module's static activation scales are placeholders (a quantize-on-load that no
+        :class:`~quanto_backend.Calibration` has followed yet): until they are calibrated the input is quantized
+        with dynamic per-token scales and the output is left float, rather than with scales of 1."""
+        return self.__dict__.get("_awaiting_calibration", False)
+
+    def mark_awaiting_calibration(self, awaiting: bool = True) -> None:
+        """Flag (or clear) the static activation scales as placeholders; see :attr:`awaits_calibration`."""
+        static = self.activation_qtype is not None and self.activation_scales == "static"
+        self._awaiting_calibration = awaiting and static
+
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.activation_qtype is None or not self.quantizes_input:
             return x
@@ -284,10 +303,18 @@ class QModuleMixin:
             return x
         if self.activation_scales == "dynamic":
             return quantize_activation(x, self.activation_qtype)  # one scale per token, on the fly
+        if self.awaits_calibration and not self._calibrating:
+            if self.activation_qtype == quint8:
+                raise RuntimeError(
+                    "This module's quint8 activation scales and zero-points were never calibrated (quantize-on-load "
+                    "creates them as placeholders): run the model under quanto_backend.Calibration() first, or load "
+                    "with symmetric activations (int8/float8), which use dynamic per-token scales until calibrated."
+                )
+            return quantize_activation(x, self.activation_qtype)  # placeholder scales: per token until calibrated
         return quantize_activation(x, self.activation_qtype, self.input_scale, self._buffers.get("input_zero_point"))
 
     def quantize_output(self, y: torch.Tensor) -> torch.Tensor:
-        if not self.quantizes_output or self._calibrating:
+        if not self.quantizes_output or self._calibrating or self.awaits_calibration:
             return y
         return quantize_activation(y, self.activation_qtype, self.output_scale, self._buffers.get("output_zero_point"))
 

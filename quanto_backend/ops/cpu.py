@@ -127,18 +127,22 @@ class RowBound:
 # on the low side of several runs; keyed by (weight bits, activation dtype). A capability that is not here never
 # reaches a kernel (its contracts do not hold).
 _ROW_BOUNDS: dict[str, dict[tuple[int, torch.dtype], RowBound]] = {
-    # 2 Zen 3 cores (earlier sessions), against the reference: bfloat16 took the kernel at every row count.
+    # 2 Zen 3 cores (earlier sessions), measured against the reference, which the dequantizing path only beats:
+    # bfloat16 took the kernel at every row count there.
     "AVX2": {
         (8, torch.float32): RowBound(32, 128),
         (4, torch.float32): RowBound(16, 128),
         (8, torch.bfloat16): RowBound(1, 1 << 20),
         (4, torch.bfloat16): RowBound(1, 1 << 20),
     },
+    # 2 Sapphire Rapids cores (AVX-512, AMX), bench/results/cpu_dispatch-avx512.json and a quiet re-run of its two
+    # largest shapes: float32 crossovers from 32-64 rows (384 x 384) to 64-128 (1024 x 1024 and up); bfloat16 ones
+    # at 16-64 rows for int8 (oneDNN's bfloat16 matmul, AMX, takes the dequantized blocks) and 64-128 for 4-bit.
     "AVX512": {
         (8, torch.float32): RowBound(32, 128),
         (4, torch.float32): RowBound(16, 128),
-        (8, torch.bfloat16): RowBound(1, 1 << 20),
-        (4, torch.bfloat16): RowBound(1, 1 << 20),
+        (8, torch.bfloat16): RowBound(1, 32),
+        (4, torch.bfloat16): RowBound(16, 128),
     },
 }
 
@@ -148,8 +152,9 @@ _ROW_BOUNDS: dict[str, dict[tuple[int, torch.dtype], RowBound]] = {
 # kernel there.
 INT_MM = KernelContract(frozenset({"AVX512"}), in_multiple=1, out_multiple=1, alignment=1)
 # int8 x int8: rows up to which _weight_int8pack_mm (bfloat16-rounded output) beats torch._int_mm (exact), where
-# INT_MM holds; bench/cpu_dispatch.py measures it.
-A8W8_INT8PACK_MAX_ROWS: dict[str, int] = {"AVX512": 4}
+# INT_MM holds. Measured on AVX512 (bench/results/cpu_dispatch-avx512.json): int8pack 1.3x faster at 1 row,
+# _int_mm 2-10x faster from 8 rows at every shape.
+A8W8_INT8PACK_MAX_ROWS: dict[str, int] = {"AVX512": 1}
 
 
 def a8w8_kernel_max_rows() -> int:
@@ -237,12 +242,18 @@ def _linear_w8(
     max_rows = kernel_max_rows(*weight.shape, 8, x.dtype) if INT8PACK.admits_weight(weight) else 0
     x2d = _kernel_input(x, max_rows)
     if x2d is None:
-        # Dequantized exactly as the reference does it (codes times scale, rounded to the activation dtype).
-        column = scale.reshape(-1, 1)
         x2d = x.reshape(_rows(x), x.shape[-1])
-        out = _blockwise_linear(x2d, out_features, lambda a, b, buf: buf.copy_(weight[a:b]).mul_(column[a:b]), bias)
-        return out.view(*x.shape[:-1], out_features)
-    if scale.dtype == torch.bfloat16:
+        if x.dtype == torch.float16:
+            # Sums of codes times activations can overflow float16: the weight is scaled first, as the reference does.
+            column = scale.reshape(-1, 1)
+            fill = lambda a, b, buf: buf.copy_(weight[a:b]).mul_(column[a:b])  # noqa: E731
+            return _blockwise_linear(x2d, out_features, fill, bias).view(*x.shape[:-1], out_features)
+        # The codes are exact in float32 and bfloat16: the scale goes on the output, one multiply per output rather
+        # than per weight (an in-place bfloat16 x float32 multiply of the weight costs more than the matmul).
+        out = (
+            _blockwise_linear(x2d, out_features, lambda a, b, buf: buf.copy_(weight[a:b]), None).float() * scale.float()
+        )
+    elif scale.dtype == torch.bfloat16:
         out = torch._weight_int8pack_mm(x2d, weight, scale)
     else:
         # A float32/float16 scale applied after the kernel (bfloat16 x float32 promotes to float32) is not rounded

@@ -70,8 +70,17 @@ def quantize_per_token(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tenso
 def quantize_affine(w: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, bits: int) -> torch.Tensor:
     """Group-wise affine quantization and packing of ``w`` ``[out, n_groups * group_size]``."""
     groups = w.float().unflatten(-1, (scale.shape[-1], -1))
-    codes = (groups / scale.float().unsqueeze(-1) + shift.float().unsqueeze(-1)).round().clamp(0, 2**bits - 1)
-    return pack(codes.flatten(-2).to(torch.uint8), bits)
+    # In place on one buffer (quantize-on-load runs this on every weight): the same codes as the plain formula.
+    codes = torch.div(groups, scale.float().unsqueeze(-1)).add_(shift.float().unsqueeze(-1)).round_()
+    codes = codes.clamp_(0, 2**bits - 1).flatten(-2)
+    # Packing by exact float arithmetic (integers below 256) is several times faster than shifting uint8 views,
+    # and gives the bytes of :func:`pack`.
+    per_byte = 8 // bits
+    fields = codes.unflatten(-1, (codes.shape[-1] // per_byte, per_byte))
+    packed = fields[..., per_byte - 1].clone()
+    for i in range(per_byte - 2, -1, -1):
+        packed.mul_(2**bits).add_(fields[..., i])
+    return packed.to(torch.uint8)
 
 
 def dequantize_affine(packed: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, bits: int) -> torch.Tensor:

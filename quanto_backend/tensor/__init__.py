@@ -2,7 +2,15 @@
 
 from .activations import ACTIVATION_QTYPES, AffineQActivation, QActivation, quantize_activation
 from .linear import qlinear
-from .optimizers import AbsmaxOptimizer, AffineOptimizer, HqqOptimizer, MinMaxOptimizer, as_optimizer, choose_qparams
+from .optimizers import (
+    AbsmaxOptimizer,
+    AffineOptimizer,
+    HqqOptimizer,
+    MinMaxOptimizer,
+    MseOptimizer,
+    as_optimizer,
+    choose_qparams,
+)
 from .qtensor import QTensor, register_qtensor_function
 from .weights import (
     DEFAULT_GROUP_SIZE,
@@ -25,6 +33,7 @@ __all__ = [
     "GroupedQWeight",
     "HqqOptimizer",
     "MinMaxOptimizer",
+    "MseOptimizer",
     "PerAxisAffineQWeight",
     "PerAxisQWeight",
     "QActivation",

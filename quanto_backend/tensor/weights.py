@@ -6,7 +6,14 @@ import torch
 
 from .. import ops
 from ..qtypes import QType, as_qtype, qfloat8_e4m3fn, qfloat8_e4m3fnuz, qfloat8_e5m2, qint2, qint4, qint8, quint8
-from .optimizers import AbsmaxOptimizer, AffineOptimizer, HqqOptimizer, MinMaxOptimizer, as_optimizer, choose_qparams
+from .optimizers import (
+    AbsmaxOptimizer,
+    AffineOptimizer,
+    MinMaxOptimizer,
+    as_optimizer,
+    choose_qparams,
+    default_affine_optimizer,
+)
 from .qtensor import QTensor
 
 __all__ = [
@@ -104,8 +111,9 @@ def quantize_weight(
             group-wise affine scale and shift along the inputs; ``quint8`` gives per-output-channel uint8 codes
             with a scale and an integer zero-point (``shift``) from each channel's min and max.
         group_size: inputs per group for 2/4-bit (default 128); ignored for 8-bit.
-        optimizer: ``"absmax"`` (8-bit default), ``"minmax"`` or ``"hqq"`` (2/4-bit; default ``"hqq"``), or an
-            optimizer instance; ``quint8`` takes only ``"minmax"`` (its default).
+        optimizer: ``"absmax"`` (8-bit default), ``"mse"``, ``"minmax"`` or ``"hqq"`` (2/4-bit; default ``"mse"``
+            at 4 bits, ``"hqq"`` at 2 bits), or an optimizer instance; ``quint8`` takes only ``"minmax"`` (its
+            default).
     """
     qtype = as_qtype(qtype, WEIGHT_QTYPES, "weights")
     optimizer = as_optimizer(optimizer)
@@ -116,7 +124,7 @@ def quantize_weight(
     if weight.device.type != "meta" and not torch.isfinite(weight).all():
         raise ValueError("Cannot quantize a weight holding NaN or Inf values")
     if qtype.is_packed:
-        return _quantize_grouped(weight, qtype, group_size, optimizer or HqqOptimizer())
+        return _quantize_grouped(weight, qtype, group_size, optimizer or default_affine_optimizer(qtype))
     if qtype == quint8:
         return _quantize_per_axis_affine(weight, qtype, optimizer)
     if isinstance(optimizer, AffineOptimizer):
