@@ -72,7 +72,8 @@ def test_transformers_from_pretrained_after_lazy_registration(tmp_path, order):
         BUILD_LLAMA,
         """
         from quanto_backend import QLinear, QuantoConfig
-        model = AutoModelForCausalLM.from_pretrained(PATH, quantization_config=QuantoConfig(weights="int4", group_size=32))
+        config = QuantoConfig(weights="int4", group_size=32)
+        model = AutoModelForCausalLM.from_pretrained(PATH, quantization_config=config)
         assert isinstance(model.model.layers[0].mlp.up_proj, QLinear), type(model.model.layers[0].mlp.up_proj)
         model.save_pretrained(PATH + "-q")
         reloaded = AutoModelForCausalLM.from_pretrained(PATH + "-q")

@@ -271,8 +271,8 @@ class MseOptimizer(AffineOptimizer):
         self.shrink = tuple(shrink)
         self.refit = refit
 
-    def __call__(self, groups: torch.Tensor, qtype: QType) -> tuple[torch.Tensor, torch.Tensor]:
-        w = groups.float()
+    def optimize(self, groups: torch.Tensor, qtype: QType) -> tuple[torch.Tensor, torch.Tensor]:
+        w = groups.detach().float()  # scales are chosen, not trained: the buffers below are written with out=
         wmin, wmax = w.amin(dim=-1), w.amax(dim=-1)
         scale, shift = MinMaxOptimizer()(w, qtype)
         buffer = torch.empty_like(w)
