@@ -24,11 +24,12 @@ def minilm():
     return path, tokenizer, sentences, reference
 
 
-def tiny_llama(tie: bool = False, seed: int = 0):
+def tiny_llama(tie: bool = False, seed: int = 0, **config_overrides):
+    """A seeded random Llama of 2 layers (hidden 64 unless ``config_overrides`` say otherwise)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    fields = dict(
         vocab_size=256,
         hidden_size=64,
         intermediate_size=128,
@@ -38,7 +39,7 @@ def tiny_llama(tie: bool = False, seed: int = 0):
         max_position_embeddings=64,
         tie_word_embeddings=tie,
     )
-    return LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(LlamaConfig(**{**fields, **config_overrides})).eval()
 
 
 @pytest.fixture(scope="session")

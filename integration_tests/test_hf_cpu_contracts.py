@@ -3,8 +3,8 @@ reloaded from safetensors (whose int8 tensors are not 16-byte aligned)."""
 
 import pytest
 import torch
-from conftest import cosine
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from conftest import cosine, tiny_llama
+from transformers import AutoModelForCausalLM
 
 from quanto_backend import Calibration, QLinear, QuantoConfig
 from quanto_backend.ops import cpu
@@ -18,19 +18,8 @@ def logits(model, tokens):
 @pytest.fixture(scope="module")
 def llama40_dir(tmp_path_factory):
     """A tiny Llama of hidden size 40: in_features 40 and 88, outside the int8 kernel's contract (multiples of 16)."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=40,
-        intermediate_size=88,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=10,
-        max_position_embeddings=64,
-    )
     path = tmp_path_factory.mktemp("llama40")
-    LlamaForCausalLM(config).eval().save_pretrained(path)
+    tiny_llama(vocab_size=128, hidden_size=40, intermediate_size=88, head_dim=10).save_pretrained(path)
     return path
 
 

@@ -8,7 +8,7 @@ with the number of cases and of calls into each PyTorch kernel (so that the fast
 A case is a layer shape (in_features K, out_features N), a batch of M rows, an activation dtype, and a storage
 layout: the weight's storage offset (a view 1/2/4/8 bytes into a larger buffer, as ``safetensors`` gives), the
 input's offset, or a non-contiguous input. The reference is the same module with every CPU kernel contract emptied
-(:data:`quanto_backend.ops.cpu.INT8PACK` and ``INT4PACK`` hold on no CPU), so both run the public API.
+(:data:`quanto_backend.ops.cpu.INT8PACK`, ``INT4PACK`` and ``INT_MM`` hold on no CPU), so both run the public API.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ LAYOUTS = ("plain", "weight+1", "weight+2", "weight+4", "weight+8", "input+2", "
 # and outputs (2**-8 relative at worst each) and the order of additions. An element's error is bounded against the
 # sum of the magnitudes of its products, so that one wrong element (or a NaN) fails, whatever the cancellation.
 TOLERANCE = 2e-2
-KERNELS = ("_weight_int8pack_mm", "_weight_int4pack_mm_for_cpu")
+KERNELS = ("_weight_int8pack_mm", "_weight_int4pack_mm_for_cpu", "_int_mm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,16 +80,20 @@ def _offset_view(t: torch.Tensor, offset_bytes: int) -> torch.Tensor:
     return buffer[offset_bytes:].view(t.dtype).view(t.shape)
 
 
+CONTRACTS = ("INT8PACK", "INT4PACK", "INT_MM")
+
+
 @contextlib.contextmanager
 def reference_only():
-    """Every CPU kernel contract holds on no CPU: every op takes the reference."""
-    saved = cpu.INT8PACK, cpu.INT4PACK
-    cpu.INT8PACK = dataclasses.replace(cpu.INT8PACK, capabilities=frozenset())
-    cpu.INT4PACK = dataclasses.replace(cpu.INT4PACK, capabilities=frozenset())
+    """Every CPU kernel contract holds on no CPU: no op reaches a private PyTorch kernel."""
+    saved = {name: getattr(cpu, name) for name in CONTRACTS}
+    for name, contract in saved.items():
+        setattr(cpu, name, dataclasses.replace(contract, capabilities=frozenset()))
     try:
         yield
     finally:
-        cpu.INT8PACK, cpu.INT4PACK = saved
+        for name, contract in saved.items():
+            setattr(cpu, name, contract)
 
 
 def _model(case: Case) -> nn.Sequential:

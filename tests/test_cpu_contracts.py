@@ -22,6 +22,12 @@ def _misaligned(state: dict[str, torch.Tensor]) -> bool:
     return any(t.data_ptr() % cpu.ALIGNMENT for t in state.values() if t.dtype == torch.int8)
 
 
+def _misaligned_copy(t: torch.Tensor, offset_bytes: int) -> torch.Tensor:
+    """An int8 copy of ``t`` that starts ``offset_bytes`` into a larger buffer (as checkpoint views do)."""
+    buffer = torch.empty(t.numel() + offset_bytes, dtype=torch.int8)
+    return buffer[offset_bytes:].view_as(t).copy_(t)
+
+
 def _w8a8(in_features: int = 256) -> nn.Sequential:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(in_features, 64), nn.ReLU(), nn.Linear(64, 32))
@@ -62,9 +68,7 @@ def test_safetensors_reload_of_w8a8_is_aligned_once_and_takes_the_kernel(tmp_pat
 def test_load_state_dict_with_assign_aligns_the_assigned_storage():
     model = _w8a8()
     state = model.state_dict()
-    buffer = torch.empty(state["0.weight"].numel() + 4, dtype=torch.int8)
-    misaligned = buffer[4:].view_as(state["0.weight"])
-    misaligned.copy_(state["0.weight"])
+    misaligned = _misaligned_copy(state["0.weight"], 4)
     target = _w8a8()
     target.load_state_dict({**state, "0.weight": misaligned}, assign=True)
     assert target[0].weight.data_ptr() % cpu.ALIGNMENT == 0
@@ -88,9 +92,7 @@ def test_in_features_outside_the_contract_never_reach_the_kernel(monkeypatch, in
 
 def test_a_misaligned_weight_given_directly_is_not_trusted(monkeypatch):
     q, scale = ops.quantize_per_token(torch.randn(32, 64), torch.int8)
-    buffer = torch.empty(q.numel() + 8, dtype=torch.int8)
-    weight = buffer[8:].view_as(q)
-    weight.copy_(q)
+    weight = _misaligned_copy(q, 8)
     monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda *a: pytest.fail("kernel called on misaligned storage"))
     x = torch.randn(4, 64, dtype=torch.bfloat16)
     assert _close_to_reference(ops.linear_w8(x, weight, scale, None), reference.linear_w8(x, weight, scale, None))

@@ -1,26 +1,27 @@
-"""CPU implementations of the quantized matmul ops, on the packed-weight kernels PyTorch ships.
+"""CPU implementations of the quantized matmul ops: PyTorch's packed-weight kernels where their contracts hold and
+they are faster, a dequantizing path elsewhere, and :mod:`.reference` for what neither takes.
 
-* ``linear_w8`` (int8 weights) and ``linear_a8w8`` (int8 x int8): ``torch._weight_int8pack_mm``, which reads the
-  int8 weight as it is stored.
+* ``linear_w8`` (int8 weights): ``torch._weight_int8pack_mm``, which reads the int8 weight as it is stored.
 * ``linear_affine`` (4-bit and 2-bit weights): ``torch._weight_int4pack_mm_for_cpu``, which needs its own packed
   layout and its own ``scale_and_zeros`` (``w = (q - 8) * scale + zero``, ``[n_groups, out, 2]``). The weight is
   converted at its first use and cached (see :func:`_int4_weight`); the module's state keeps the documented format.
+* ``linear_a8w8`` (int8 x int8): ``torch._int_mm`` where :data:`INT_MM` holds (exact int32 sums), and
+  ``_weight_int8pack_mm`` for the rows where it is faster, or where ``_int_mm`` is not measured.
 
-Both kernels are fast only with bfloat16 activations (float32 and float16 take a path 10-20x slower than a float
-matmul). Numerics, chosen here once:
+Every private kernel runs only inside its :class:`KernelContract` (CPU capability, shapes, alignment), checked
+before the call. Numerics, chosen here once:
 
-* bfloat16 activations always take the kernel (on CPUs without native bfloat16 matmul it beats the reference at
-  every M; the reference itself computes in bfloat16 there).
-* float32 and float16 activations are rounded to bfloat16 for the kernel, and its bfloat16 output cast back, for
-  up to :func:`kernel_max_rows` rows (decode and small batches, where the kernel wins); more rows take the exact
-  reference (dequantize, then a float matmul that is compute-bound and amortizes it). The rounding
-  adds a relative error of about 2**-9 per activation and per output, well below the weight quantization error
-  (about 1% for int8 per-axis, more for 4-bit), and ``tests/test_cpu_kernels.py`` bounds it against the reference.
-* int8 x int8: int8 codes are exact in bfloat16 and the kernel accumulates in float32, so only the output is
-  rounded to bfloat16 before the float32 scales are applied; it takes the kernel at every M (the reference
-  accumulates in float64 and is far slower).
+* Both packed kernels are fast only with bfloat16 activations (float32 and float16 take a path 10-20x slower than
+  a float matmul): float32 and float16 activations are rounded to bfloat16 for them, and the bfloat16 output cast
+  back. The rounding adds a relative error of about 2**-9 per activation and per output, well below the weight
+  quantization error (about 1% for int8 per-axis, more for 4-bit); ``tests/test_cpu_kernels.py`` bounds it.
+* Beyond :func:`kernel_max_rows` rows (a table per CPU capability), and wherever a contract does not hold, the
+  dequantizing path (:func:`_blockwise_linear`) computes what the reference does, in the activation dtype, block
+  by block of output channels.
+* int8 x int8 through ``_weight_int8pack_mm``: the codes are exact in bfloat16 and the kernel accumulates in
+  float32, so only its output is rounded to bfloat16 before the float32 scales are applied.
 
-Anything a kernel cannot run (odd shapes, group sizes, dtypes, no rows) takes :mod:`.reference`.
+Anything neither path takes (float8 weights, other dtypes, no rows, mismatched shapes) takes :mod:`.reference`.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ __all__ = [
 ]
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts
-_CAST_DTYPES = (torch.float32, torch.float16)
+_CAST_DTYPES = (torch.float32, torch.float16)  # rounded to bfloat16 for the packed kernels
+_ACTIVATION_DTYPES = (torch.bfloat16, *_CAST_DTYPES)
 _INT2_CODE_OFFSET = 6  # 2-bit codes 0..3 become 4-bit codes 6..9 (see _int4_weight)
 # What PyTorch's CPU allocator gives every fresh tensor; storage loaded from a checkpoint (safetensors gives 4- or
 # 8-byte aligned views into one buffer) is copied to it once, at load (see QModuleMixin.align_storage).
@@ -68,7 +70,7 @@ class KernelContract:
 
     Read off ``bench/cpu_contracts.py`` (crash-contained probes of shapes, dtypes and storage offsets; results in
     ``bench/results/cpu_contracts-<capability>.json``) and off the kernels' sources. Outside the contract, and on
-    any CPU capability it was not measured on, the reference runs.
+    any CPU capability it was not measured on, a path without the kernel runs.
     """
 
     capabilities: frozenset[str]  # torch.backends.cpu.get_cpu_capability() values it was measured on
@@ -178,7 +180,7 @@ def _kernel_input(x: torch.Tensor, max_rows: int) -> torch.Tensor | None:
     """``x`` as the contiguous, aligned 2-D bfloat16 matrix the kernels take (float32/float16 rounded to it), or
     ``None`` beyond ``max_rows`` rows, where the dequantizing path is faster."""
     rows = _rows(x)
-    if rows == 0 or rows > max_rows or x.dtype not in (torch.bfloat16, *_CAST_DTYPES):
+    if rows == 0 or rows > max_rows or x.dtype not in _ACTIVATION_DTYPES:
         return None
     if x.dtype == torch.bfloat16:
         return aligned(x.reshape(rows, x.shape[-1]))
@@ -235,7 +237,7 @@ def _int8_weight(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
 def _linear_w8(
     x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    if not _int8_weight(x, weight, weight_scale) or x.dtype not in (torch.bfloat16, *_CAST_DTYPES) or not _rows(x):
+    if not _int8_weight(x, weight, weight_scale) or x.dtype not in _ACTIVATION_DTYPES or not _rows(x):
         return reference.linear_w8(x, weight, weight_scale, bias)
     out_features = weight.shape[0]
     scale = weight_scale.reshape(-1)
@@ -275,16 +277,15 @@ def _linear_a8w8(
     if x_q.dtype != torch.int8 or not _int8_weight(x_q, weight, weight_scale) or rows == 0:
         return reference.linear_a8w8(x_q, x_scale, weight, weight_scale, bias, out_dtype)
     x2d = x_q.reshape(rows, x_q.shape[-1])
-    int8pack = INT8PACK.admits_weight(weight) and rows <= a8w8_kernel_max_rows()
-    if INT_MM.holds() and not int8pack:
-        acc = torch._int_mm(x2d, weight.t()).float()  # exact: what the float64 reference computes
-    elif not int8pack:
-        return reference.linear_a8w8(x_q, x_scale, weight, weight_scale, bias, out_dtype)
-    else:
+    if INT8PACK.admits_weight(weight) and rows <= a8w8_kernel_max_rows():
         # |codes| <= 128: exact in bfloat16 (a fresh tensor, so contiguous and aligned); the kernel sums in float32
         # and rounds its output to bfloat16.
         x2d = x2d.to(torch.bfloat16, memory_format=torch.contiguous_format)
         acc = torch._weight_int8pack_mm(x2d, weight, _ones(weight.shape[0])).float()
+    elif INT_MM.holds():
+        acc = torch._int_mm(x2d, weight.t()).float()  # exact: what the float64 reference computes
+    else:
+        return reference.linear_a8w8(x_q, x_scale, weight, weight_scale, bias, out_dtype)
     out = acc.view(*x_q.shape[:-1], weight.shape[0]) * x_scale.float() * weight_scale.float().reshape(-1)
     return _with_bias(out.to(out_dtype), bias)
 
@@ -360,30 +361,21 @@ def _linear_affine(
     out_features, padded_in = weight.shape[0], weight.shape[-1] * 8 // bits
     n_groups = weight_scale.shape[-1]
     group_size = padded_in // n_groups if n_groups else 0
-    ok = (
+    layout = (
         bits in (2, 4)
         and weight.dim() == 2
-        and INT4PACK.holds()
-        and out_features % INT4PACK.out_multiple == 0
-        and group_size in INT4_GROUP_SIZES
-        and group_size * n_groups == padded_in
         and weight_scale.shape == weight_shift.shape == (out_features, n_groups)
-        and x.shape[-1] <= padded_in
+        and group_size * n_groups == padded_in
+        and x.dim() >= 1
+        and 0 < x.shape[-1] <= padded_in
+        and _rows(x) > 0
+        and x.dtype in _ACTIVATION_DTYPES
     )
-    x2d = _kernel_input(x, kernel_max_rows(out_features, padded_in, bits, x.dtype)) if ok else None
+    if not layout:
+        return reference.linear_affine(x, weight, weight_scale, weight_shift, bits, bias)
+    kernel = INT4PACK.holds() and out_features % INT4PACK.out_multiple == 0 and group_size in INT4_GROUP_SIZES
+    x2d = _kernel_input(x, kernel_max_rows(out_features, padded_in, bits, x.dtype)) if kernel else None
     if x2d is None:
-        dense = (
-            bits in (2, 4)
-            and weight.dim() == 2
-            and weight_scale.shape == weight_shift.shape == (out_features, n_groups)
-            and group_size * n_groups == padded_in
-            and x.dim() >= 1
-            and 0 < x.shape[-1] <= padded_in
-            and _rows(x) > 0
-            and x.dtype in (torch.bfloat16, *_CAST_DTYPES)
-        )
-        if not dense:
-            return reference.linear_affine(x, weight, weight_scale, weight_shift, bits, bias)
 
         def dequantize_into(start: int, stop: int, buffer: torch.Tensor) -> torch.Tensor:
             rows = reference.dequantize_affine(
