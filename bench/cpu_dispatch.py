@@ -1,11 +1,12 @@
 """Where the CPU kernels stop paying: for each layer shape, activation dtype and number of rows, the time of the
-packed-kernel path and of the dequantizing path of ``linear_w8`` (int8) and ``linear_affine`` (int4, group 128),
-and of ``_weight_int8pack_mm`` against ``torch._int_mm`` for int8 x int8 (``linear_a8w8``).
+packed-kernel path and of the other paths of ``linear_w8`` (int8: the sliced ``torch._int_mm`` path where its
+contract holds, and the dequantizing path) and ``linear_affine`` (int4, group 128: the dequantizing path), and of
+``_weight_int8pack_mm`` against ``torch._int_mm`` for int8 x int8 (``linear_a8w8``).
 
 The row bounds in ``quanto_backend/ops/cpu.py`` (``_ROW_BOUNDS`` and ``A8W8_INT8PACK_MAX_ROWS``, one entry per CPU
 capability) are fitted to the crossovers this measures; the JSON keeps, per shape, weight and dtype, the measured
-crossover (the largest row count up to which every kernel run was faster) next to the bound in use, and the CPU
-capability it ran on.
+crossover (the largest row count up to which every kernel run was faster than the path taken beyond the bound)
+next to the bound in use, and the CPU capability it ran on.
 
     python bench/cpu_dispatch.py                 # bench/results/cpu_dispatch-<capability>.json and .png
     python bench/cpu_dispatch.py --quick --output-dir /tmp/out
@@ -46,6 +47,17 @@ def _median_ms(fn: Callable[[], object], budget_s: float = 0.3) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e3
+
+
+@contextlib.contextmanager
+def _without_int_mm():
+    """``linear_w8`` beyond the kernel's rows takes the dequantizing path instead of the sliced ``_int_mm`` one."""
+    contract = cpu.INT_MM
+    cpu.INT_MM = cpu.KernelContract(frozenset(), 1, 1, 1)
+    try:
+        yield
+    finally:
+        cpu.INT_MM = contract
 
 
 @contextlib.contextmanager
@@ -93,15 +105,21 @@ def run(shapes, rows_list, threads: int, dtypes) -> dict:
                 with torch.no_grad(), _kernel_rows(sys.maxsize):
                     kernel = _median_ms(fn)
                 with torch.no_grad(), _kernel_rows(0):
-                    dequantized = _median_ms(fn)
-                timings.append({"rows": rows, "kernel_ms": kernel, "dequantized_ms": dequantized})
+                    other = _median_ms(fn)  # int8 weights: the sliced _int_mm path where INT_MM holds
+                    sliced = name == "int8" and cpu.INT_MM.holds()
+                    with _without_int_mm():
+                        dequantized = _median_ms(fn) if sliced else other
+                timings.append(
+                    {"rows": rows, "kernel_ms": kernel, "other_ms": other, "dequantized_ms": dequantized}
+                    | ({"sliced_ms": other} if sliced else {})
+                )
                 print(
                     f"{in_features:>5}x{out_features:<6} {name} {str(dtype)[6:]:<8} rows={rows:<4} "
-                    f"kernel {kernel:9.3f} ms  other path {dequantized:9.3f} ms"
+                    f"kernel {kernel:9.3f} ms  other path {other:9.3f} ms  dequantized {dequantized:9.3f} ms"
                 )
             crossover = 0  # the kernel was faster at every measured row count up to this one
             for t in timings:
-                if t["kernel_ms"] >= t["dequantized_ms"]:
+                if t["kernel_ms"] >= t["other_ms"]:
                     break
                 crossover = t["rows"]
             bound = (

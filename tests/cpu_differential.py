@@ -7,7 +7,8 @@ with the number of cases and of calls into each PyTorch kernel (so that the fast
 
 A case is a layer shape (in_features K, out_features N), a batch of M rows, an activation dtype, and a storage
 layout: the weight's storage offset (a view 1/2/4/8 bytes into a larger buffer, as ``safetensors`` gives), the
-input's offset, or a non-contiguous input. The reference is the same module with every CPU kernel contract emptied
+input's offset, or a non-contiguous input. The sliced ``_int_mm`` path for int8 weights is taken by layers of any size
+here (it is kept for large ones). The reference is the same module with every CPU kernel contract emptied
 (:data:`quanto_backend.ops.cpu.INT8PACK`, ``INT4PACK`` and ``INT_MM`` hold on no CPU), so both run the public API.
 """
 
@@ -151,6 +152,8 @@ def check(case: Case) -> str | None:
 
 def main(group: str) -> None:
     torch.set_num_threads(1)
+    # The sliced _int_mm path is kept for layers of a million weights and more; these small layers take it too.
+    cpu._SLICED_BOUNDS = {cap: dataclasses.replace(b, min_weights=0) for cap, b in cpu._SLICED_BOUNDS.items()}
     calls = dict.fromkeys(KERNELS, 0)
     for name in KERNELS:
         kernel = getattr(torch, name)

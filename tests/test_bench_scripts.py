@@ -13,6 +13,8 @@ from types import ModuleType
 import pytest
 import torch
 
+from quanto_backend.ops import cpu
+
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -135,7 +137,9 @@ def test_cpu_dispatch(tmp_path):
                      ("w8a8", "float32")}  # fmt: skip
     for r in report["results"]:
         assert [t["rows"] for t in r["timings"]] == [1, 32, 256]
-        assert all(t["kernel_ms"] > 0 and t["dequantized_ms"] > 0 for t in r["timings"])
+        assert all(t["kernel_ms"] > 0 and t["other_ms"] > 0 and t["dequantized_ms"] > 0 for t in r["timings"])
+        sliced = r["weights"] == "int8" and cpu.INT_MM.holds()  # int8 weights beyond the kernel: torch._int_mm
+        assert all(("sliced_ms" in t) == sliced for t in r["timings"])
 
 
 def test_kv_cache(tmp_path, monkeypatch):

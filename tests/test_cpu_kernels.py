@@ -60,9 +60,16 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 DEQUANTIZED_RTOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
-def check(out: torch.Tensor, ref: torch.Tensor, fast: bool) -> None:
+# The sliced int8 x int8 path (torch._int_mm) holds activations to 2**-9 of each row's mean magnitude and computes
+# in float32: it is off by the reference's own bfloat16/float16 rounding of weights and outputs, or in float32 by a
+# few 1e-5 (dropping one slice would cost about 1e-2).
+SLICED_RTOL = {torch.float32: 2e-4, torch.float16: 2e-3, torch.bfloat16: 5e-3}
+
+
+def check(out: torch.Tensor, ref: torch.Tensor, fast: bool, sliced: bool = False) -> None:
     assert out.shape == ref.shape and out.dtype == ref.dtype
-    assert rel_err(out, ref) < (KERNEL_RTOL if fast else DEQUANTIZED_RTOL[out.dtype])
+    tolerance = KERNEL_RTOL if fast else SLICED_RTOL[out.dtype] if sliced else DEQUANTIZED_RTOL[out.dtype]
+    assert rel_err(out, ref) < tolerance
 
 
 def int8pack_takes(in_features: int) -> bool:
@@ -74,37 +81,113 @@ def int8_weight(out_features: int, in_features: int, dtype: torch.dtype) -> tupl
     return q, scale.to(dtype)
 
 
+def slice_small_layers(monkeypatch) -> None:
+    """The sliced ``_int_mm`` path for layers of any size (it is kept for large ones), where it holds."""
+    bound = cpu._SLICED_BOUNDS.get(cpu.cpu_capability())
+    if bound is not None:
+        monkeypatch.setitem(cpu._SLICED_BOUNDS, cpu.cpu_capability(), cpu.SlicedBound(0, bound.kernel_rows))
+
+
+def takes_sliced(out_features: int, in_features: int, fast: bool) -> bool:
+    return not fast and cpu._sliced_bound(out_features, in_features) is not None
+
+
 # ---- int8 weights ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("sliced_everywhere", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m", M_VALUES)
 @pytest.mark.parametrize("shape", [(64, 256), (48, 4104), (7, 96), (33, 40), (16, 4100), (5, 12)])
-def test_linear_w8(spy, shape, m, dtype):
+def test_linear_w8(spy, monkeypatch, shape, m, dtype, sliced_everywhere):
+    if sliced_everywhere:
+        slice_small_layers(monkeypatch)
     out_features, in_features = shape
     weight, scale = int8_weight(out_features, in_features, dtype)
     x = torch.randn(m, in_features).to(dtype)
     bias = torch.randn(out_features).to(dtype)
     out = ops.linear_w8(x, weight, scale, bias)
     fast = int8pack_takes(in_features) and m <= cpu.kernel_max_rows(out_features, in_features, 8, dtype)
-    assert spy.calls["_weight_int8pack_mm"] == int(fast)
-    check(out, reference.linear_w8(x, weight, scale, bias), fast)
+    sliced = takes_sliced(out_features, in_features, fast)
+    assert (spy.calls["_weight_int8pack_mm"], spy.calls["_int_mm"]) == (int(fast), int(sliced))
+    check(out, reference.linear_w8(x, weight, scale, bias), fast, sliced)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_linear_w8_batched_input_and_float32_scale(spy, dtype):
+def test_linear_w8_batched_input_and_float32_scale(spy, monkeypatch, dtype):
+    slice_small_layers(monkeypatch)
     weight, scale = int8_weight(256, 512, torch.float32)  # a float32 scale with lower-precision activations
     x = torch.randn(2, 3, 512).to(dtype)
     out = ops.linear_w8(x, weight, scale, None)
     fast = int8pack_takes(512) and 6 <= cpu.kernel_max_rows(256, 512, 8, dtype)
-    assert spy.calls["_weight_int8pack_mm"] == int(fast)
-    check(out, reference.linear_w8(x, weight, scale.to(dtype), None), fast=fast)
+    sliced = takes_sliced(256, 512, fast)
+    assert (spy.calls["_weight_int8pack_mm"], spy.calls["_int_mm"]) == (int(fast), int(sliced))
+    check(out, reference.linear_w8(x, weight, scale.to(dtype), None), fast, sliced)
 
 
-def test_row_bound_grows_with_the_weight():
-    # A sentence-embedding batch (hundreds of rows) through a small layer takes the reference; a large layer keeps
-    # the kernel for a few hundred rows; decode (one row) always takes it.
+@pytest.mark.parametrize("m", [1, 4, 5, 32])
+def test_linear_w8_large_layer_dispatch(spy, m):
+    # A layer of a million weights: the packed kernel for a few rows, then the sliced _int_mm path where it holds.
+    weight, scale = int8_weight(1024, 1024, torch.bfloat16)
+    x = torch.randn(m, 1024, dtype=torch.bfloat16)
+    out = ops.linear_w8(x, weight, scale, None)
+    fast = int8pack_takes(1024) and m <= cpu.kernel_max_rows(1024, 1024, 8, torch.bfloat16)
+    sliced = takes_sliced(1024, 1024, fast)
+    if cpu.cpu_capability() in cpu._SLICED_BOUNDS:
+        assert fast == (m <= cpu._SLICED_BOUNDS[cpu.cpu_capability()].kernel_rows) and sliced == (not fast)
+    assert (spy.calls["_weight_int8pack_mm"], spy.calls["_int_mm"]) == (int(fast), int(sliced))
+    check(out, reference.linear_w8(x, weight, scale, None), fast, sliced)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("outlier", [1.0, 50.0, 1e4])
+def test_int8_slices_hold_activations_to_their_mean_magnitude(dtype, outlier):
+    # Rows with one large activation among small ones (the outlier features of LLM activations) need more slices.
+    x = torch.randn(5, 1000)
+    x[1, 17] = outlier * x.abs().max()
+    x[3] = 0.0  # an all-zero row
+    x = x.to(dtype)
+    slices, scale = cpu._int8_slices(x)
+    radix = cpu._SLICE_RADIX ** torch.arange(len(slices), dtype=torch.float64)
+    rebuilt = (slices.double() / radix.view(-1, 1, 1)).sum(0) * scale.double()
+    error = (rebuilt - x.double()).abs().amax(dim=1)
+    assert (error <= cpu._SLICE_ERROR * x.double().abs().mean(dim=1)).all()
+    assert len(slices) == (2 if outlier == 1.0 else 3)
+
+
+def test_int8_slices_refuse_what_they_cannot_hold():
+    x = torch.randn(3, 64)
+    x[1, 5] = float("inf")
+    assert cpu._int8_slices(x) is None
+    wide = torch.full((2, 1 << 16), 1e-30)
+    wide[0, 0] = 1e30  # absmax / mean of 2**16: more than three slices
+    assert cpu._int8_slices(wide) is None
+
+
+@pytest.mark.parametrize("bad", ["inf", "nan"])
+def test_linear_w8_non_finite_activations_take_the_dequantizing_path(spy, monkeypatch, bad):
+    slice_small_layers(monkeypatch)
+    weight, scale = int8_weight(48, 64, torch.float32)
+    x = torch.randn(40, 64)
+    x[7, 3] = float(bad)
+    out = ops.linear_w8(x, weight, scale, None)
+    assert spy.calls["_int_mm"] == 0
+    ref = reference.linear_w8(x, weight, scale, None)
+    assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())
+    finite = ref.isfinite()
+    assert torch.allclose(out[finite], ref[finite], rtol=1e-4, atol=1e-4)
+
+
+def test_row_bound_grows_with_the_weight(monkeypatch):
+    # Against the dequantizing path (whose cost is per weight), a sentence-embedding batch (hundreds of rows)
+    # through a small layer leaves the kernel; a large layer keeps it for up to a hundred rows; decode (one row)
+    # always takes it. Against the sliced _int_mm path (whose cost is per weight and row), a few rows at any size.
+    monkeypatch.setattr(cpu, "_SLICED_BOUNDS", {})
     assert cpu.kernel_max_rows(384, 384, 8) < cpu.kernel_max_rows(4096, 4096, 8) <= 128
     assert cpu.kernel_max_rows(384, 1536, 4) < cpu.kernel_max_rows(4096, 14336, 4) <= 128 < 240
     assert cpu.kernel_max_rows(8, 8, 8) == cpu.kernel_max_rows(8, 8, 4) == 1
+    monkeypatch.undo()
+    for capability, bound in cpu._SLICED_BOUNDS.items():
+        monkeypatch.setattr(cpu, "cpu_capability", lambda capability=capability: capability)
+        assert cpu.kernel_max_rows(1024, 1024, 8) == cpu.kernel_max_rows(4096, 14336, 8) == bound.kernel_rows
 
 
 def test_linear_w8_float8_weight_takes_the_reference(spy):

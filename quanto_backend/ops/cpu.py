@@ -1,7 +1,9 @@
 """CPU implementations of the quantized matmul ops: PyTorch's packed-weight kernels where their contracts hold and
 they are faster, a dequantizing path elsewhere, and :mod:`.reference` for what neither takes.
 
-* ``linear_w8`` (int8 weights): ``torch._weight_int8pack_mm``, which reads the int8 weight as it is stored.
+* ``linear_w8`` (int8 weights): ``torch._weight_int8pack_mm``, which reads the int8 weight as it is stored, for a
+  few rows; beyond, for large layers where :data:`INT_MM` holds, ``torch._int_mm`` on the activations split into
+  int8 slices (:func:`_int8_slices`, the Ozaki scheme), which runs on the CPU's int8 matrix units (AMX, VNNI).
 * ``linear_affine`` (4-bit and 2-bit weights): ``torch._weight_int4pack_mm_for_cpu``, which needs its own packed
   layout and its own ``scale_and_zeros`` (``w = (q - 8) * scale + zero``, ``[n_groups, out, 2]``). The weight is
   converted at its first use and cached (see :func:`_int4_weight`); the module's state keeps the documented format.
@@ -164,12 +166,89 @@ def a8w8_kernel_max_rows() -> int:
     return A8W8_INT8PACK_MAX_ROWS.get(cpu_capability(), 0) if INT_MM.holds() else sys.maxsize
 
 
+@dataclass(frozen=True)
+class SlicedBound:
+    """Where int8 weights times float activations take the sliced ``torch._int_mm`` path (:func:`_sliced_int_mm`):
+    layers of at least ``min_weights`` weights (below, its fixed cost of a dozen small ops loses to the
+    dequantizing path), from ``kernel_rows + 1`` rows (up to there, ``_weight_int8pack_mm`` is faster)."""
+
+    min_weights: int
+    kernel_rows: int
+
+
+# Fitted to bench/cpu_dispatch.py (sliced_ms against kernel_ms and dequantized_ms), where INT_MM holds.
+_SLICED_BOUNDS: dict[str, SlicedBound] = {"AVX512": SlicedBound(min_weights=1 << 20, kernel_rows=4)}
+
+
+def _sliced_bound(out_features: int, in_features: int) -> SlicedBound | None:
+    bound = _SLICED_BOUNDS.get(cpu_capability())
+    if bound is None or not INT_MM.holds() or out_features * in_features < bound.min_weights:
+        return None
+    return bound
+
+
 def kernel_max_rows(out_features: int, in_features: int, bits: int, dtype: torch.dtype = torch.float32) -> int:
     """Rows of ``dtype`` activations up to which the packed kernel for a ``bits``-wide weight (8, or 4 for the 2-
-    and 4-bit formats) beats the dequantizing path on this CPU; 0 where no kernel is measured."""
+    and 4-bit formats) beats the path taken beyond (the sliced ``_int_mm`` one or the dequantizing one) on this
+    CPU; 0 where no kernel is measured."""
     table = _ROW_BOUNDS.get(cpu_capability(), {})
     bound = table.get((8 if bits == 8 else 4, torch.float32 if dtype == torch.float16 else dtype))
-    return 0 if bound is None else bound(out_features, in_features)
+    if bound is None:
+        return 0
+    sliced = _sliced_bound(out_features, in_features) if bits == 8 else None
+    rows = bound(out_features, in_features)
+    return rows if sliced is None else min(rows, sliced.kernel_rows)
+
+
+# int8 weights x float activations on torch._int_mm, by splitting each row of activations into int8 slices (the
+# Ozaki scheme): x = s * (q_1 + q_2 / 254 + q_3 / 254**2 + ...), s = absmax / 127, every q_i in [-127, 127]. Each
+# slice times the weight is an exact int32 sum; after n slices an element is off by at most absmax / 254**n. Slices
+# are added until that is below 2**-9 of the row's mean magnitude, the bfloat16 rounding the packed kernels apply to
+# activations, so this path is as accurate as they are; a row needing more slices takes the dequantizing path.
+_SLICE_RADIX = 254
+_SLICE_MAX = 3
+_SLICE_ERROR = 2.0**-9
+
+
+def _int8_slices(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(slices, scale)``: ``[n, rows, in]`` int8 and ``[rows, 1]`` float32 with ``x2d = scale * sum_i slices[i] /
+    254**i`` to within :data:`_SLICE_ERROR` of each row's mean magnitude; ``None`` if that takes more than
+    :data:`_SLICE_MAX` slices, or an activation is not finite."""
+    xf = x2d.float()
+    magnitude = xf.abs()
+    absmax = magnitude.amax(dim=1, keepdim=True)
+    if not bool(torch.isfinite(absmax).all()):
+        return None
+    tiny = torch.finfo(torch.float32).tiny  # all-zero rows: any scale, ratio 1
+    absmax = absmax.clamp_min(tiny)
+    worst = float((absmax / magnitude.mean(dim=1, keepdim=True).clamp_min(tiny)).max())
+    n = max(1, math.ceil(math.log(worst / _SLICE_ERROR) / math.log(_SLICE_RADIX)))
+    if n > _SLICE_MAX:
+        return None
+    scale = absmax / 127
+    t = xf / scale
+    slices = torch.empty(n, *x2d.shape, dtype=torch.int8)
+    for i in range(n):
+        # |t| <= 127 (to a rounding of the division, which round() absorbs), and |t - q| <= 0.5: every code fits.
+        q = t.round()
+        slices[i].copy_(q)
+        if i + 1 < n:
+            t = t.sub_(q).mul_(_SLICE_RADIX)  # t - q is exact
+    return slices, scale
+
+
+def _sliced_int_mm(x2d: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
+    """``x2d @ (weight * scale).T`` in float32 through :func:`_int8_slices` and ``torch._int_mm``, or ``None``."""
+    split = _int8_slices(x2d)
+    if split is None:
+        return None
+    slices, x_scale = split
+    n, rows, in_features = slices.shape
+    acc = torch._int_mm(slices.view(n * rows, in_features), weight.t()).view(n, rows, -1)
+    out = acc[n - 1].float()
+    for i in range(n - 2, -1, -1):
+        out = torch.add(acc[i], out, alpha=1.0 / _SLICE_RADIX)  # Horner: q_i + (rest) / 254
+    return out.mul_(x_scale).mul_(scale.float())
 
 
 def _rows(x: torch.Tensor) -> int:
@@ -243,24 +322,26 @@ def _linear_w8(
     scale = weight_scale.reshape(-1)
     max_rows = kernel_max_rows(*weight.shape, 8, x.dtype) if INT8PACK.admits_weight(weight) else 0
     x2d = _kernel_input(x, max_rows)
-    if x2d is None:
-        x2d = x.reshape(_rows(x), x.shape[-1])
-        if x.dtype == torch.float16:
-            # Sums of codes times activations can overflow float16: the weight is scaled first, as the reference does.
-            column = scale.reshape(-1, 1)
-            fill = lambda a, b, buf: buf.copy_(weight[a:b]).mul_(column[a:b])  # noqa: E731
-            return _blockwise_linear(x2d, out_features, fill, bias).view(*x.shape[:-1], out_features)
-        # The codes are exact in float32 and bfloat16: the scale goes on the output, one multiply per output rather
-        # than per weight (an in-place bfloat16 x float32 multiply of the weight costs more than the matmul).
-        out = (
-            _blockwise_linear(x2d, out_features, lambda a, b, buf: buf.copy_(weight[a:b]), None).float() * scale.float()
-        )
-    elif scale.dtype == torch.bfloat16:
-        out = torch._weight_int8pack_mm(x2d, weight, scale)
-    else:
-        # A float32/float16 scale applied after the kernel (bfloat16 x float32 promotes to float32) is not rounded
-        # to bfloat16.
-        out = torch._weight_int8pack_mm(x2d, weight, _ones(out_features)) * scale.float()
+    if x2d is not None:
+        if scale.dtype == torch.bfloat16:
+            out = torch._weight_int8pack_mm(x2d, weight, scale)
+        else:
+            # A float32/float16 scale applied after the kernel (bfloat16 x float32 promotes to float32) is not
+            # rounded to bfloat16.
+            out = torch._weight_int8pack_mm(x2d, weight, _ones(out_features)) * scale.float()
+        return _with_bias(out.to(x.dtype).view(*x.shape[:-1], out_features), bias)
+    x2d = x.reshape(_rows(x), x.shape[-1])
+    out = _sliced_int_mm(x2d, weight, scale) if _sliced_bound(*weight.shape) else None
+    if out is not None:
+        return _with_bias(out.to(x.dtype).view(*x.shape[:-1], out_features), bias)
+    if x.dtype == torch.float16:
+        # Sums of codes times activations can overflow float16: the weight is scaled first, as the reference does.
+        column = scale.reshape(-1, 1)
+        fill = lambda a, b, buf: buf.copy_(weight[a:b]).mul_(column[a:b])  # noqa: E731
+        return _blockwise_linear(x2d, out_features, fill, bias).view(*x.shape[:-1], out_features)
+    # The codes are exact in float32 and bfloat16: the scale goes on the output, one multiply per output rather than
+    # per weight (an in-place bfloat16 x float32 multiply of the weight costs more than the matmul).
+    out = _blockwise_linear(x2d, out_features, lambda a, b, buf: buf.copy_(weight[a:b]), None).float() * scale.float()
     return _with_bias(out.to(x.dtype).view(*x.shape[:-1], out_features), bias)
 
 
