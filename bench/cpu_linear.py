@@ -1,5 +1,6 @@
-"""CPU speed of a frozen QLinear against ``F.linear`` in float32 and bfloat16, at the shape of a Llama-3-8B MLP
-up-projection (4096 -> 14336), at M=1 (decode) and M=32, with 2 threads.
+"""CPU speed of a frozen QLinear against ``F.linear`` in float32, bfloat16 and float16, at the shape of a Llama-3-8B
+MLP up-projection (4096 -> 14336), at M=1 (decode) and M=32, with 2 threads; each layer is also compared with the
+float layer of its own activation dtype (``speedup_vs_same_dtype``).
 
 Every configuration is timed in the same run on the same weight and input, in interleaved rounds (one call of each
 configuration per round, so a burst of load from another process hits all of them alike); the JSON keeps the
@@ -74,9 +75,9 @@ def build_configs(in_features: int, out_features: int, m: int, optional: bool) -
     linear = nn.Linear(in_features, out_features, bias=False)
     with torch.no_grad():
         linear.weight.normal_(0, 0.02)
-    w32, w16 = linear.weight.detach(), linear.weight.detach().bfloat16()
+    w32, w16, wh = linear.weight.detach(), linear.weight.detach().bfloat16(), linear.weight.detach().half()
     x = torch.randn(m, in_features)
-    x16 = x.bfloat16()
+    x16, xh = x.bfloat16(), x.half()
     # int4 uses the min-max optimizer only to keep the benchmark short: the kernel's speed does not depend on it.
     int4 = {"weights": "int4", "group_size": 128, "optimizer": "minmax"}
     w8a8 = {"weights": "int8", "activations": "int8", "activation_scales": "dynamic"}
@@ -85,11 +86,14 @@ def build_configs(in_features: int, out_features: int, m: int, optional: bool) -
         "int8 QLinear (bf16 act)": (_qlinear(linear, torch.bfloat16, weights="int8"), x16),
         "int4 QLinear (fp32 act)": (_qlinear(linear, torch.float32, **int4), x),
         "int4 QLinear (bf16 act)": (_qlinear(linear, torch.bfloat16, **int4), x16),
+        "int8 QLinear (fp16 act)": (_qlinear(linear, torch.float16, weights="int8"), xh),
+        "int4 QLinear (fp16 act)": (_qlinear(linear, torch.float16, **int4), xh),
         "W8A8 QLinear (fp32 act, dynamic)": (_qlinear(linear, torch.float32, **w8a8), x),
     }
     configs: dict[str, Forward] = {
         "float32 F.linear": lambda: F.linear(x, w32),
         "bfloat16 F.linear": lambda: F.linear(x16, w16),
+        "float16 F.linear": lambda: F.linear(xh, wh),
     }
     configs.update({name: (lambda m=model, inp=inp: m(inp)) for name, (model, inp) in models.items()})
     if optional:
@@ -120,6 +124,13 @@ def time_interleaved(configs: dict[str, Forward], rounds: int, warmup: int = 2) 
     return times
 
 
+def _float_of(config: str, dtypes: dict[str, str]) -> str:
+    """The float dtype a configuration is compared with: its activations' ("int8 QLinear (bf16 act)": bfloat16)."""
+    if config.endswith("F.linear"):
+        return config.removesuffix(" F.linear")
+    return next((full for short, full in dtypes.items() if f"({short} act" in config), "bfloat16")
+
+
 def run(in_features: int, out_features: int, ms: list[int], rounds: int, threads: int, optional: bool) -> dict:
     torch.set_num_threads(threads)
     machine = machine_info()
@@ -129,6 +140,8 @@ def run(in_features: int, out_features: int, ms: list[int], rounds: int, threads
         times = time_interleaved(configs, rounds)
         base32 = statistics.median(times["float32 F.linear"])
         base16 = statistics.median(times["bfloat16 F.linear"])
+        # Each layer against the float layer of its activation dtype (what the targets compare).
+        same_dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
         for name, ts in times.items():
             q1, med, q3 = statistics.quantiles(ts, n=4) if len(ts) > 1 else (ts[0],) * 3
             med = statistics.median(ts)
@@ -142,6 +155,7 @@ def run(in_features: int, out_features: int, ms: list[int], rounds: int, threads
                     "min_ms": min(ts) * 1e3,
                     "speedup_vs_float32": base32 / med,
                     "speedup_vs_bfloat16": base16 / med,
+                    "speedup_vs_same_dtype": statistics.median(times[f"{_float_of(name, same_dtype)} F.linear"]) / med,
                 }
             )
             print(

@@ -55,6 +55,9 @@ def test_cpu_linear(tmp_path):
     assert {r["m"] for r in report["rows"]} == {1, 4}
     assert all(r["q1_ms"] <= r["median_ms"] <= r["q3_ms"] and r["median_ms"] > 0 for r in report["rows"])
     assert report["machine"]["cores"] >= 1 and report["threads"] == 2
+    same = {r["config"]: r["speedup_vs_same_dtype"] for r in report["rows"] if r["m"] == 1}
+    assert same["float16 F.linear"] == same["bfloat16 F.linear"] == same["float32 F.linear"] == 1.0
+    assert "int8 QLinear (fp16 act)" in same
 
 
 def test_models(tmp_path):
