@@ -1,7 +1,8 @@
 """Checkpoints that do not match their quantization_config fail loudly, naming the tensor or field; loading a
-quanto_backend checkpoint without importing quanto_backend does not go unnoticed."""
+quanto_backend checkpoint with quanto_backend's import hook off and without importing it does not go unnoticed."""
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -88,7 +89,10 @@ def test_diffusers_shape_check_names_the_tensor():
 
 
 def _run_without_import(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300)
+    """A fresh interpreter with quanto_backend's import hook turned off (what a user who disables it gets)."""
+    env = os.environ | {"QUANTO_BACKEND_AUTOLOAD": "0"}
+    command = [sys.executable, "-c", textwrap.dedent(code)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
 
 
 def test_loading_without_importing_quanto_backend_is_visible(llama_dir, int4_dir, pixart_dir, tmp_path):

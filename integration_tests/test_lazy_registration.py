@@ -4,6 +4,7 @@ loudly where the libraries allow when quanto_backend is never imported. Each cas
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -34,10 +35,13 @@ PixArtTransformer2DModel(
 """
 
 
-def run_python(path, *pieces: str) -> str:
-    """Run the dedented ``pieces`` one after the other in a fresh interpreter, with ``PATH = path``."""
+def run_python(path, *pieces: str, autoload: bool = True) -> str:
+    """Run the dedented ``pieces`` one after the other in a fresh interpreter, with ``PATH = path`` (and
+    quanto_backend's import hook on or off)."""
     code = "\n".join([f"PATH = {str(path)!r}", *(textwrap.dedent(piece) for piece in pieces)])
-    done = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-c", code], capture_output=True, text=True)
+    env = os.environ | {"QUANTO_BACKEND_AUTOLOAD": "1" if autoload else "0"}
+    command = [sys.executable, "-W", "error::RuntimeWarning", "-c", code]
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 
@@ -97,8 +101,11 @@ def test_diffusers_from_pretrained_after_lazy_registration(tmp_path):
     )
 
 
-def test_prequantized_checkpoints_fail_loudly_without_the_import(tmp_path):
-    # Save with quanto_backend in one process; load in another that never imports it.
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A folder with ``pixart-q`` (int8), ``llama-q`` (int4) and ``llama8-q`` (int8, the kind a float model would
+    load as raw codes), each with the inputs and outputs of the saved model (``*.pt``)."""
+    tmp_path = tmp_path_factory.mktemp("saved")
     run_python(
         tmp_path / "pixart",
         "import quanto_backend",
@@ -106,21 +113,81 @@ def test_prequantized_checkpoints_fail_loudly_without_the_import(tmp_path):
         """
         from quanto_backend import QuantoConfig
         config = QuantoConfig(weights_dtype="int8")
-        PixArtTransformer2DModel.from_pretrained(PATH, quantization_config=config).save_pretrained(PATH + "-q")
+        model = PixArtTransformer2DModel.from_pretrained(PATH, quantization_config=config)
+        model.save_pretrained(PATH + "-q")
         """,
+        PIXART_OUTPUT,
     )
-    run_python(
-        tmp_path / "llama",
-        "import quanto_backend",
-        BUILD_LLAMA,
-        """
-        from quanto_backend import QuantoConfig
-        config = QuantoConfig(weights="int4", group_size=32)
-        AutoModelForCausalLM.from_pretrained(PATH, quantization_config=config).save_pretrained(PATH + "-q")
-        """,
-    )
+    for name, weights in (("llama", "int4"), ("llama8", "int8")):
+        run_python(
+            tmp_path / name,
+            "import quanto_backend",
+            BUILD_LLAMA,
+            f"""
+            from quanto_backend import QuantoConfig
+            config = QuantoConfig(weights={weights!r}, group_size=32 if {weights!r} == "int4" else None)
+            model = AutoModelForCausalLM.from_pretrained(PATH, quantization_config=config)
+            model.save_pretrained(PATH + "-q")
+            """,
+            LLAMA_OUTPUT,
+        )
+    return tmp_path
+
+
+# Run after a model is loaded into ``model``: save its inputs and outputs next to ``PATH``.
+LLAMA_OUTPUT = """
+ids = torch.arange(12).view(1, 12)
+torch.save({"ids": ids, "out": model(ids).logits.detach()}, PATH + ".pt")
+"""
+PIXART_OUTPUT = """
+torch.manual_seed(1)
+inputs = dict(hidden_states=torch.randn(1, 4, 8, 8), encoder_hidden_states=torch.randn(1, 3, 32),
+              timestep=torch.tensor([10]))
+torch.save({"inputs": inputs, "out": model(**inputs).sample.detach()}, PATH + ".pt")
+"""
+
+
+def test_import_torch_only_installs_the_hook(tmp_path):
+    # The torch.backends entry point runs at `import torch`: it imports neither quanto_backend nor a library.
     out = run_python(
         tmp_path,
+        f"""
+        import sys
+        import torch
+        loaded = sorted(m for m in ("quanto_backend", *{HEAVY!r}) if m in sys.modules)
+        print(loaded, "quanto_backend_autoload" in sys.modules)
+        """,
+    )
+    assert out.strip() == "[] True"
+
+
+@pytest.mark.parametrize("first", ["from transformers import AutoModelForCausalLM", "import transformers.quantizers"])
+def test_prequantized_checkpoints_load_without_the_import(saved, first):
+    # Saved with quanto_backend in one process; loaded in another that never imports it: the hook does.
+    out = run_python(
+        saved,
+        first,
+        """
+        import torch
+        from diffusers import PixArtTransformer2DModel
+        from transformers import AutoModelForCausalLM
+        for name in ("llama-q", "llama8-q"):
+            model = AutoModelForCausalLM.from_pretrained(f"{PATH}/{name}")
+            saved = torch.load(f"{PATH}/{name[:-2]}.pt")
+            assert torch.equal(model(saved["ids"]).logits, saved["out"]), name
+            print(name, type(model.model.layers[0].mlp.down_proj).__name__)
+        model = PixArtTransformer2DModel.from_pretrained(PATH + "/pixart-q")
+        saved = torch.load(PATH + "/pixart.pt")
+        assert torch.equal(model(**saved["inputs"]).sample, saved["out"])
+        print("pixart-q", type(model.transformer_blocks[0].ff.net[2]).__name__)
+        """,
+    )
+    assert out.split() == ["llama-q", "QLinear", "llama8-q", "QLinear", "pixart-q", "QLinear"], out
+
+
+def test_prequantized_checkpoints_fail_loudly_without_the_import_and_the_hook(saved):
+    out = run_python(
+        saved,
         """
         import sys
         from diffusers import PixArtTransformer2DModel
@@ -135,6 +202,7 @@ def test_prequantized_checkpoints_fail_loudly_without_the_import(tmp_path):
                 print(name, "loaded")
         assert "quanto_backend" not in sys.modules
         """,
+        autoload=False,
     )
     assert "diffusers ValueError Unknown quantization type, got quanto_backend" in out, out
     assert "transformers int4 RuntimeError" in out, out

@@ -56,8 +56,9 @@ from .tensor import (
 )
 
 # Registration with transformers and diffusers: neither library discovers plugins, so a checkpoint saved with
-# quant_method "quanto_backend" only loads after `import quanto_backend`. It is done as soon as either library's
-# quantizers are imported (now, if they already are), so that this import stays light.
+# quant_method "quanto_backend" only loads after `import quanto_backend` (which integrations/autoload, run by
+# `import torch`, does for the user). It is done as soon as either library's quantizers are imported (now, if they
+# already are), so that this import stays light.
 _register_with_hf()
 
 __version__ = "0.1.0"

@@ -1,7 +1,8 @@
 """Registration of quanto-backend with transformers and diffusers, done lazily.
 
 Neither library discovers plugins: the quantization method ``"quanto_backend"`` exists only once :func:`register`
-ran, so ``import quanto_backend`` must come before ``from_pretrained`` of a checkpoint saved with it.
+ran, so ``import quanto_backend`` must come before ``from_pretrained`` of a checkpoint saved with it (the import
+hook of :mod:`.autoload`, which ``import torch`` installs, does that import).
 
 Registering needs :class:`~quanto_backend.QuantoConfig`, whose bases come from both libraries (importing them
 costs seconds, mostly diffusers pulling in ``torch._dynamo``). So ``import quanto_backend`` only calls
@@ -177,9 +178,12 @@ def _imported(name: str) -> bool:
     return name in sys.modules and not _initializing(name)
 
 
-def register_when_imported() -> None:
-    """Register now if transformers' or diffusers' quantizers are already imported, else as soon as one is."""
-    if any(_imported(name) for name in TRIGGER_MODULES):
+def register_when_imported(imported: str | None = None) -> None:
+    """Register now if transformers' or diffusers' quantizers are already imported, else as soon as one is.
+
+    ``imported``: a module whose code just ran (the import system flags it as initializing until its import
+    returns), as the import hook of :mod:`quanto_backend.integrations.autoload` reports it."""
+    if any(_imported(name) or name == imported for name in TRIGGER_MODULES):
         _register_after_import()
         return
     if not any(isinstance(finder, _RegisterOnImportFinder) for finder in sys.meta_path):
