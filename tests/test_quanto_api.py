@@ -78,7 +78,7 @@ def test_module_constructors_take_quanto_keywords():
     conv = QConv2d(4, 8, 3, padding=1, weights="qint4", activations="qint8", quantize_input=True)
     assert conv.weight_qtype is qint4 and "input_scale" in conv._buffers and "output_scale" in conv._buffers
     norm = QLayerNorm(32, activations=qint8)
-    assert norm.weight_qtype is None and "output_scale" in norm._buffers
+    assert norm.weight_qtype is None and "output_scale" in norm._buffers and "input_scale" in norm._buffers
     floating = QLinear(64, 32, weights=qint8, quantize_input=False, activations=qint8)
     x = torch.randn(2, 64)
     assert not hasattr(floating.quantize_input(x), "qtype") and hasattr(linear.quantize_input(x), "qtype")
