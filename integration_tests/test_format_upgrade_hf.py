@@ -95,3 +95,23 @@ def test_streamline_choice_survives_diffusers_save_pretrained(pixart_dir, tmp_pa
     assert flags(reloaded) == before
     with torch.no_grad():
         assert torch.equal(reloaded(**pixart_inputs(), return_dict=False)[0], out)
+
+
+def test_format_1_diffusers_checkpoint_loads_and_saves_as_format_2(tmp_path):
+    from diffusers import PixArtTransformer2DModel
+
+    pixart_v1 = BERT_V1.parent / "pixart_w8a8"
+    assert json.loads((pixart_v1 / "config.json").read_text())["quantization_config"]["format_version"] == 1
+    io = load_file(pixart_v1 / "io.safetensors")
+    inputs = {k: io[k] for k in ("hidden_states", "encoder_hidden_states", "timestep")}
+    model = PixArtTransformer2DModel.from_pretrained(pixart_v1)
+    assert flags(model) and not any(flags(model).values())
+    with torch.no_grad():
+        out = model(**inputs, return_dict=False)[0]
+    assert torch.equal(out, io["sample"])
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["quantization_config"]["format_version"] == 2
+    reloaded = PixArtTransformer2DModel.from_pretrained(tmp_path)
+    assert flags(reloaded) == flags(model)
+    with torch.no_grad():
+        assert torch.equal(reloaded(**inputs, return_dict=False)[0], out)
