@@ -5,9 +5,10 @@ instead) still load, compute what they computed, and save again in the current f
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModel
 
 from quanto_backend import Calibration, QLayerNorm, QuantoConfig
@@ -115,3 +116,16 @@ def test_format_1_diffusers_checkpoint_loads_and_saves_as_format_2(tmp_path):
     assert flags(reloaded) == flags(model)
     with torch.no_grad():
         assert torch.equal(reloaded(**inputs, return_dict=False)[0], out)
+
+
+def test_format_2_checkpoint_without_its_flag_names_the_tensor(bert_dir, tmp_path, tokens):
+    model = AutoModel.from_pretrained(bert_dir, quantization_config=QuantoConfig(weights="int8", activations="int8"))
+    with torch.no_grad(), Calibration():
+        model(tokens)
+    model.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    key = "encoder.layer.0.intermediate.dense.output_quantized"
+    del state[key]
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=f"lacks tensor '{key}'.*format_version 2"):
+        AutoModel.from_pretrained(tmp_path)

@@ -98,7 +98,8 @@ class QuantoDiffusersQuantizer(DiffusersQuantizer):
         loading.replace_with_qmodules(model, config, self.modules_to_not_convert, frozen=self.pre_quantized)
         if self.pre_quantized:
             if config.activations is not None:
-                loading.prepare_format_upgrade(model, loading.checkpoint_keys(self._checkpoint_files))
+                keys = loading.checkpoint_keys(self._checkpoint_files)
+                loading.prepare_format_upgrade(model, keys, format_version=config.format_version)
             loading.check_prequantized_checkpoint(model, self._checkpoint_files)
         model.config.quantization_config = config
         return model

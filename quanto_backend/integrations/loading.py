@@ -269,7 +269,9 @@ def _checkpoint_key(name: str, keys: set[str], prefix: str) -> str | None:
     return next((k for k in candidates if k in keys), None)
 
 
-def prepare_format_upgrade(model: nn.Module, checkpoint_keys: Iterable[str], prefix: str = "") -> list[str]:
+def prepare_format_upgrade(
+    model: nn.Module, checkpoint_keys: Iterable[str], prefix: str = "", format_version: int = 1
+) -> list[str]:
     """Before a pre-quantized checkpoint loads: let the modules that it saved in format 1 load.
 
     Format 1 had no ``output_quantized`` buffer: an output left float by ``Calibration(streamline=True)`` had no
@@ -282,9 +284,14 @@ def prepare_format_upgrade(model: nn.Module, checkpoint_keys: Iterable[str], pre
         model: the frozen skeleton.
         checkpoint_keys: the tensor names of the checkpoint.
         prefix: the model's ``base_model_prefix`` (checkpoints may be saved with or without it).
+        format_version: the checkpoint's ``quantization_config`` format version: modules without
+            ``output_quantized`` are read as format 1 only where it says 1.
 
     Returns:
         The names of the modules read as format 1.
+
+    Raises:
+        ValueError: a checkpoint of format 2 or later lacks an ``output_quantized``, naming it.
     """
     keys = set(checkpoint_keys)
     upgraded = []
@@ -294,6 +301,12 @@ def prepare_format_upgrade(model: nn.Module, checkpoint_keys: Iterable[str], pre
         full = f"{name}." if name else ""
         if _checkpoint_key(full + OUTPUT_QUANTIZED, keys, prefix) is not None:
             continue
+        if format_version >= 2:
+            raise ValueError(
+                f"Pre-quantized checkpoint lacks tensor {full + OUTPUT_QUANTIZED!r} that its quantization_config "
+                f"(format_version {format_version}, activations={module.activation_qtype}) requires: the checkpoint "
+                "is incomplete or was not saved by quanto_backend's save_pretrained."
+            )
         missing = [n for n in QUANT_BUFFERS if n in module._buffers and _checkpoint_key(full + n, keys, prefix) is None]
         module._pending_format_upgrade = {
             "names": missing,

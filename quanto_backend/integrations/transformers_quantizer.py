@@ -95,7 +95,7 @@ class QuantoHfQuantizer(HfQuantizer):
             prefix = getattr(model, "base_model_prefix", "")
             keys = loading.checkpoint_keys(checkpoint_files) if config.activations is not None else set()
             if keys:
-                loading.prepare_format_upgrade(model, keys, prefix)
+                loading.prepare_format_upgrade(model, keys, prefix, config.format_version)
             loading.check_prequantized_checkpoint(model, checkpoint_files, prefix)
         return model
 
