@@ -117,11 +117,11 @@ QB_DEV void store_float(void* p, long long i, int dt, float v) {
 }
 
 // Symmetric quantization of one value already divided by its scale: int8 rounds half to even then clamps to
-// [-127, 127]; float8 saturates and rounds.
+// [-128, 127] (reference.quantize_symmetric); float8 saturates and rounds.
 QB_DEV u8 quantize_value(float scaled, int out_dt) {
     if (out_dt == DT_E4M3) return f32_to_e4m3(scaled);
     if (out_dt == DT_E5M2) return f32_to_e5m2(scaled);
-    const float r = fminf(fmaxf(rintf(scaled), -127.0f), 127.0f);
+    const float r = fminf(fmaxf(rintf(scaled), -128.0f), 127.0f);
     return (u8)(i8)(int)r;
 }
 

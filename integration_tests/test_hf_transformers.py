@@ -102,7 +102,7 @@ def test_activation_quantized_model_calibrates_saves_and_reloads(bert_dir, tmp_p
 
     model.save_pretrained(tmp_path)
     reloaded = AutoModel.from_pretrained(tmp_path)
-    assert reloaded.state_dict().keys() == model.state_dict().keys()  # streamlined output scales stay removed
+    assert reloaded.state_dict().keys() == model.state_dict().keys()
     for key, value in model.state_dict().items():
         assert torch.equal(reloaded.state_dict()[key], value), key
     with torch.no_grad():

@@ -51,6 +51,7 @@ from .tensor import (
     PerAxisQWeight,
     QActivation,
     QTensor,
+    SymmetricOptimizer,
     choose_qparams,
     quantize_activation,
 )
@@ -119,6 +120,7 @@ __all__ = [
     "QuantizedPixArtTransformer2DModel",
     "QuantizedTransformersModel",
     "QuantoConfig",
+    "SymmetricOptimizer",
     "choose_qparams",
     "convert_static",
     "freeze",

@@ -34,7 +34,9 @@ class Calibration(TorchFunctionMode):
     Args:
         momentum: weight of the previous scale in the running average (the first sample sets it).
         streamline: stop quantizing the output of a module whose output is consumed by anything other than a
-            quantized module (its ``output_scale`` is removed): the next float operation would only dequantize it.
+            quantized module (:meth:`~quanto_backend.QModuleMixin.disable_output_quantization`: its
+            ``output_scale`` stays, its ``output_quantized`` buffer turns false and is saved with the model): the
+            next float operation would only dequantize it.
         observer: an :class:`~quanto_backend.Observer` class (or any callable taking ``qtype=`` and returning an
             observer, e.g. ``functools.partial(HistogramObserver, percentile=99.9)``): one is created per module
             input and output, and the scales (and ``quint8`` zero-points) become its ``calculate_qparams()``.
@@ -144,5 +146,5 @@ class Calibration(TorchFunctionMode):
             for arg in (*args, *kwargs.values()):
                 producer = self._producers.get(arg) if isinstance(arg, QActivation) else None
                 if producer is not None and producer.quantizes_output:
-                    del producer.output_scale  # a float op consumes this output: keep it float
+                    producer.disable_output_quantization()  # a float op consumes this output: keep it float
         return func(*args, **kwargs)

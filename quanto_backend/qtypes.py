@@ -61,7 +61,9 @@ def _float8(name: str, dtype: torch.dtype) -> QType:
     return QType(name, 8, True, dtype, float(info.min), float(info.max))
 
 
-# int8 is symmetric: -128 is left out so that negating a value never overflows.
+# int8 is symmetric: scales map the largest magnitude to 127 (qmin = -qmax, so that observers and optimizers choose
+# symmetric scales); quantization still clamps to int8's -128 (see ops/reference.py), which only values beyond a
+# static scale's calibrated range reach.
 qint8 = QType("qint8", 8, False, torch.int8, -127.0, 127.0)
 # uint8 with a zero-point: the asymmetric activation format of static quantization.
 quint8 = QType("quint8", 8, False, torch.uint8, 0.0, 255.0)

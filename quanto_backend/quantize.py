@@ -140,13 +140,15 @@ def requantize(
     quantized state dict, without ever materializing float weights.
 
     Checkpoints of other libraries load too, through the readers of :func:`register_checkpoint_reader`:
-    optimum-quanto's maps (``"none"`` entries) and key names (``weight._data``, ``weight._scale``...).
+    optimum-quanto's maps (``"none"`` entries) and key names (``weight._data``, ``weight._scale``...). So do this
+    library's format 1 states (no ``output_quantized``; see :meth:`~quanto_backend.QModuleMixin.upgrade_state_dict`).
 
     Raises:
         KeyError: a module of the map is missing from ``model``, or a tensor is missing from ``state_dict``.
         ValueError: a tensor of ``state_dict`` has the wrong shape or dtype.
     """
     state_dict, quantization_map = read_checkpoint(model, state_dict, quantization_map)
+    state_dict = dict(state_dict)  # format 1 states get the tensors they lack (upgrade_state_dict), not the caller's
     for name, qconfig in quantization_map.items():
         try:
             module = model.get_submodule(name)
@@ -162,6 +164,7 @@ def requantize(
             raise ValueError(f"Module {name!r} ({type(module).__name__}) has no quantized version")
         qmodule.freeze()
         _set_submodule(model, name, qmodule)
+        qmodule.upgrade_state_dict(state_dict, f"{name}." if name else "")  # the map says the state is its
     check_state_dict(model, state_dict)
     model.load_state_dict(state_dict, strict=True, assign=True)  # QModuleMixin aligns what it was assigned
     if device is not None:

@@ -36,7 +36,10 @@ def test_quantize_symmetric(dtype):
 
 def test_quantize_symmetric_int8_rounds_and_clamps():
     q = ops.quantize_symmetric(torch.tensor([0.5, 1.5, -1000.0, 1000.0]), torch.tensor(1.0), torch.int8)
-    assert q.tolist() == [0, 2, -127, 127]  # round half to even, symmetric range
+    assert q.tolist() == [0, 2, -128, 127]  # round half to even, int8's whole range (as optimum-quanto)
+    # -128 is reached only beyond -127.5: it is the closer code there, and nowhere else does the range change.
+    x = torch.tensor([-127.4, -127.6, -128.4, -300.0])
+    assert ops.quantize_symmetric(x, torch.tensor(1.0), torch.int8).tolist() == [-127, -128, -128, -128]
 
 
 def test_quantize_per_token():

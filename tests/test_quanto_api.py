@@ -9,6 +9,7 @@ import quanto_backend as qb
 from quanto_backend import (
     AbsmaxOptimizer,
     ActivationQBytesTensor,
+    AffineOptimizer,
     Calibration,
     HqqOptimizer,
     MaxOptimizer,
@@ -78,7 +79,7 @@ def test_module_constructors_take_quanto_keywords():
     conv = QConv2d(4, 8, 3, padding=1, weights="qint4", activations="qint8", quantize_input=True)
     assert conv.weight_qtype is qint4 and "input_scale" in conv._buffers and "output_scale" in conv._buffers
     norm = QLayerNorm(32, activations=qint8)
-    assert norm.weight_qtype is None and "output_scale" in norm._buffers
+    assert norm.weight_qtype is None and "output_scale" in norm._buffers and "input_scale" in norm._buffers
     floating = QLinear(64, 32, weights=qint8, quantize_input=False, activations=qint8)
     x = torch.randn(2, 64)
     assert not hasattr(floating.quantize_input(x), "qtype") and hasattr(linear.quantize_input(x), "qtype")
@@ -188,3 +189,73 @@ def test_frozen_modules_round_trip_through_safetensors_into_unfrozen_ones(tmp_pa
     fresh.load_state_dict(load_file(tmp_path / "m.safetensors"))
     x = torch.randn(2, 64)
     assert torch.equal(fresh(x), model(x))
+
+
+class _ClippedMax(AffineOptimizer):
+    """A custom optimizer as optimum-quanto users write one: ``optimize(base, qtype, axis)`` on the grouped weight,
+    returning optimum-quanto's (scale, shift) with ``w ~= q * scale - shift``."""
+
+    def optimize(self, base, qtype, axis):
+        dim = list(range(1, base.ndim)) if axis == 0 else list(range(0, base.ndim - 1))
+        rmin, rmax = base.amin(dim=dim, keepdim=True) * 0.9, base.amax(dim=dim, keepdim=True) * 0.9
+        return (rmax - rmin) / (2**qtype.bits - 1), -rmin
+
+
+class _ClippedMaxHere(AffineOptimizer):
+    """The same choice in this library's form: ``optimize(groups, qtype)``, shift in codes."""
+
+    def optimize(self, groups, qtype):
+        rmin, rmax = groups.amin(-1) * 0.9, groups.amax(-1) * 0.9
+        scale = (rmax - rmin) / qtype.qmax
+        return scale, -rmin / scale
+
+
+class _HalfAbsmax(AbsmaxOptimizer):
+    def optimize(self, base, qtype, axis=None):
+        dim = list(range(1, base.ndim)) if axis == 0 else list(range(0, base.ndim - 1))
+        return base.abs().amax(dim=dim, keepdim=True) * 0.5 / qtype.qmax
+
+
+class _MaxTimesTwo(MaxOptimizer):
+    def optimize(self, base, qtype, axis):
+        scale, shift = super().optimize(base, qtype, axis)
+        return scale * 2, shift
+
+
+def _frozen(weights, optimizer, seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 32))
+    freeze(quantize(model, weights=weights, optimizer=optimizer))
+    return model[0]
+
+
+def test_custom_optimizers_in_optimum_quanto_style():
+    # An affine optimize(base, qtype, axis): used by quantize(), converted to this library's convention (the
+    # same dequantized weights as optimum-quanto computes with it, measured: 5e-8 relative).
+    theirs, ours = _frozen(qint4, _ClippedMax()), _frozen(qint4, _ClippedMaxHere())
+    torch.testing.assert_close(theirs.qweight.dequantize(), ours.qweight.dequantize(), rtol=0, atol=1e-6)
+    assert not torch.equal(theirs.qweight.dequantize(), _frozen(qint4, MaxOptimizer()).qweight.dequantize())
+    w = torch.randn(8, 64)
+    scale, shift = _ClippedMax()(w, qint4, 0, 32)  # optimum-quanto's call, its convention back
+    assert scale.shape == shift.shape == (16, 1)
+    torch.testing.assert_close(shift, -w.reshape(16, 32).amin(1, keepdim=True) * 0.9)
+    # A symmetric optimize(base, qtype, axis): its scales are the ones used.
+    layer = _frozen(qint8, _HalfAbsmax())
+    torch.manual_seed(0)
+    expected = torch.nn.Linear(256, 32).weight.abs().amax(1, keepdim=True) * 0.5 / 127
+    torch.testing.assert_close(layer.weight_scale, expected)
+    # super().optimize(base, qtype, axis) of MaxOptimizer answers in optimum-quanto's form.
+    base = torch.randn(16, 32)
+    s2, t2 = _MaxTimesTwo().optimize(base, qint4, 0)
+    s1, t1 = MaxOptimizer().optimize(base, qint4, 0)
+    assert s1.shape == (16, 1) and torch.equal(s2, 2 * s1) and torch.equal(t2, t1)
+    torch.testing.assert_close(t1, -base.amin(1, keepdim=True))
+
+
+def test_custom_optimizer_with_wrong_shapes_names_itself():
+    class PerTensor(AffineOptimizer):
+        def optimize(self, base, qtype, axis):
+            return base.abs().amax() / 15, torch.zeros(())
+
+    with pytest.raises(ValueError, match=r"PerTensor\.optimize\(base, qtype, axis\) must return .* per group"):
+        _frozen(qint4, PerTensor())

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..nn.qmodule import OUTPUT_QUANTIZED
 from ..qtypes import qfloat8_e4m3fn, qfloat8_e4m3fnuz, qfloat8_e5m2, qint2, qint4, qint8
 from ..tensor import group_layout
 
@@ -195,16 +196,18 @@ def read_quanto_checkpoint(
                 group_size = _convert_packed(state, prefix, weights, out, _inputs_per_output(module))
             else:
                 _convert_8bit(state, prefix, weights, out, weight.shape)
-        # optimum-quanto saves both scales on every module; this library keeps those it uses.
-        is_norm = isinstance(module, nn.LayerNorm)
+        # optimum-quanto saves both scales on every module; this library keeps them where activations are quantized
+        # (a normalization's unused input scale too, as optimum-quanto).
         for side in ("input", "output"):
             key = f"{prefix}{side}_scale"
-            if activations is None or (side == "input" and is_norm):
+            if activations is None:
                 state.pop(key, None)
             elif key not in state:
                 raise KeyError(f"optimum-quanto checkpoint lacks tensor {key!r} ({activations.name} activations)")
             else:
                 state[key] = state[key].float()
+        if activations is not None:
+            state[f"{prefix}{OUTPUT_QUANTIZED}"] = torch.tensor(True)  # reloaded, optimum-quanto quantizes every output
         converted[name] = {
             "weights": None if weights is None else weights.name,
             "activations": None if activations is None else activations.name,

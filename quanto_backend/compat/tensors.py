@@ -46,7 +46,20 @@ class MaxOptimizer(MinMaxOptimizer):
 
     Called as ``MaxOptimizer()(base, qtype, axis, group_size)``, it returns optimum-quanto's ``(scale, shift)``
     (``w ~= q * scale - shift``), ready for ``quantize_weight(base, qtype, axis, scale, shift, group_size)``.
+    A subclass in optimum-quanto's style may call ``super().optimize(base, qtype, axis)`` for the same.
     """
+
+    def optimize(self, base: torch.Tensor, qtype: QType, axis: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """This library's ``optimize(groups, qtype)``; with ``axis`` (0), optimum-quanto's form: ``base`` the
+        grouped weight ``[n_groups_total, group_size]``, returning ``(scale, shift)`` ``[n_groups_total, 1]`` in
+        ``base``'s dtype, with ``w ~= q * scale - shift``."""
+        if axis is None:
+            return super().optimize(base, qtype)
+        if axis != 0:
+            raise ValueError(f"axis must be 0: weights are quantized per output channel, got {axis!r}")
+        scale, shift = super().optimize(base.reshape(base.shape[0], 1, -1), qtype)
+        shape = (base.shape[0], *([1] * (base.ndim - 1)))
+        return scale.to(base.dtype).reshape(shape), (shift * scale).to(base.dtype).reshape(shape)
 
 
 def absmax_scale(base: torch.Tensor, qtype: QType | str = qint8, axis: int | None = None) -> torch.Tensor:

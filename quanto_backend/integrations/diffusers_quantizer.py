@@ -98,7 +98,8 @@ class QuantoDiffusersQuantizer(DiffusersQuantizer):
         loading.replace_with_qmodules(model, config, self.modules_to_not_convert, frozen=self.pre_quantized)
         if self.pre_quantized:
             if config.activations is not None:
-                loading.prune_activation_scales(model, loading.checkpoint_keys(self._checkpoint_files))
+                keys = loading.checkpoint_keys(self._checkpoint_files)
+                loading.prepare_format_upgrade(model, keys, format_version=config.format_version)
             loading.check_prequantized_checkpoint(model, self._checkpoint_files)
         model.config.quantization_config = config
         return model
@@ -153,6 +154,7 @@ class QuantoDiffusersQuantizer(DiffusersQuantizer):
         loading.align_storage(model)
         if not self.pre_quantized:
             loading.init_unloaded_activation_scales(model)
+        loading.finish_format_upgrade(model, self.quantization_config)
         # diffusers' save hooks get no model: keep a weak reference to check it before anything is written.
         self._model = weakref.ref(model)
         return model

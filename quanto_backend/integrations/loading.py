@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from ..nn import QModuleMixin, quantize_module
-from .config import QuantoConfig
+from ..nn.qmodule import OUTPUT_QUANTIZED, initial_buffer
+from .config import FORMAT_VERSION, QuantoConfig
 
 __all__ = [
     "align_storage",
@@ -28,7 +29,8 @@ __all__ = [
     "create_quantized_param",
     "dequantize_model",
     "is_skipped",
-    "prune_activation_scales",
+    "finish_format_upgrade",
+    "prepare_format_upgrade",
     "replace_with_qmodules",
     "reset_requires_grad",
     "validate_device_map",
@@ -36,20 +38,28 @@ __all__ = [
 
 # The buffers a quantized module adds to its float module (activation quantization, SmoothQuant factors). None
 # is in a float checkpoint; a pre-quantized one holds those its modules had when saved.
-QUANT_BUFFERS = ("input_scale", "output_scale", "input_zero_point", "output_zero_point", "input_smooth")
+QUANT_BUFFERS = (
+    "input_scale",
+    "output_scale",
+    "input_zero_point",
+    "output_zero_point",
+    "input_smooth",
+    OUTPUT_QUANTIZED,
+)
 
 
-def _materialize_quant_buffers(module: nn.Module, device: torch.device) -> list[str]:
+def _materialize_quant_buffers(
+    module: nn.Module, device: torch.device, names: Iterable[str] = QUANT_BUFFERS
+) -> list[str]:
     """Give a module's quantization buffers their initial values on ``device``: scales and smoothing factors 1,
-    zero-points 0 (what calibration starts from)."""
-    names = []
-    for name in QUANT_BUFFERS:
+    zero-points 0, outputs quantized (what calibration starts from)."""
+    done = []
+    for name in names:
         buffer = module._buffers.get(name)
         if buffer is not None:
-            fill = torch.ones_like if buffer.is_floating_point() else torch.zeros_like
-            module._buffers[name] = fill(buffer, device=device)
-            names.append(name)
-    return names
+            module._buffers[name] = initial_buffer(name, buffer, device, module)
+            done.append(name)
+    return done
 
 
 def is_skipped(name: str, patterns: Iterable[str]) -> bool:
@@ -250,36 +260,81 @@ def check_calibrated(model: nn.Module) -> None:
             )
 
 
-def prune_activation_scales(model: nn.Module, checkpoint_keys: Iterable[str], prefix: str = "") -> list[str]:
-    """Remove the output scales that a pre-quantized checkpoint does not hold.
+def _checkpoint_key(name: str, keys: set[str], prefix: str) -> str | None:
+    """The key under which ``name`` (a full tensor name of the model) is in ``keys``: checkpoints are saved with or
+    without the model's ``base_model_prefix``."""
+    candidates = [name]
+    if prefix:
+        candidates += [f"{prefix}.{name}", name.removeprefix(prefix + ".")]
+    return next((k for k in candidates if k in keys), None)
 
-    :class:`~quanto_backend.Calibration` (``streamline=True``) drops the ``output_scale`` of modules whose output
-    feeds a float operation; the skeleton rebuilt from the config has every scale, so the checkpoint decides.
+
+def prepare_format_upgrade(
+    model: nn.Module, checkpoint_keys: Iterable[str], prefix: str = "", format_version: int = 1
+) -> list[str]:
+    """Before a pre-quantized checkpoint loads: let the modules that it saved in format 1 load.
+
+    Format 1 had no ``output_quantized`` buffer: an output left float by ``Calibration(streamline=True)`` had no
+    ``output_scale``, and a QLayerNorm no ``input_scale``. The skeleton rebuilt from the config has them all. For
+    each module the checkpoint holds no ``output_quantized`` of, the tensors it lacks are made non-persistent (the
+    loaders then neither expect them nor report them missing) and are given their values by
+    :func:`finish_format_upgrade` once loading is done: ``output_quantized`` is whether ``output_scale`` was saved.
 
     Args:
         model: the frozen skeleton.
         checkpoint_keys: the tensor names of the checkpoint.
         prefix: the model's ``base_model_prefix`` (checkpoints may be saved with or without it).
+        format_version: the checkpoint's ``quantization_config`` format version: modules without
+            ``output_quantized`` are read as format 1 only where it says 1.
 
     Returns:
-        The names of the removed buffers.
+        The names of the modules read as format 1.
+
+    Raises:
+        ValueError: a checkpoint of format 2 or later lacks an ``output_quantized``, naming it.
     """
     keys = set(checkpoint_keys)
-    removed = []
+    upgraded = []
     for name, module in model.named_modules():
+        if not isinstance(module, QModuleMixin) or OUTPUT_QUANTIZED not in module._buffers:
+            continue
+        full = f"{name}." if name else ""
+        if _checkpoint_key(full + OUTPUT_QUANTIZED, keys, prefix) is not None:
+            continue
+        if format_version >= 2:
+            raise ValueError(
+                f"Pre-quantized checkpoint lacks tensor {full + OUTPUT_QUANTIZED!r} that its quantization_config "
+                f"(format_version {format_version}, activations={module.activation_qtype}) requires: the checkpoint "
+                "is incomplete or was not saved by quanto_backend's save_pretrained."
+            )
+        missing = [n for n in QUANT_BUFFERS if n in module._buffers and _checkpoint_key(full + n, keys, prefix) is None]
+        module._pending_format_upgrade = {
+            "names": missing,
+            "output_quantized": _checkpoint_key(full + "output_scale", keys, prefix) is not None,
+        }
+        module._non_persistent_buffers_set.update(missing)
+        upgraded.append(name)
+    return upgraded
+
+
+def finish_format_upgrade(model: nn.Module, config: QuantoConfig | None = None) -> None:
+    """After loading: give the tensors that :func:`prepare_format_upgrade` set aside their values, on the device of
+    the module's loaded tensors, and make them persistent again (a later save writes the current format, and
+    ``config`` says so); every module takes whether it quantizes its output from its loaded ``output_quantized``."""
+    for module in model.modules():
         if not isinstance(module, QModuleMixin):
             continue
-        for buffer in ("output_scale", "output_zero_point"):  # input scales are never dropped
-            if buffer not in module._buffers:
-                continue
-            full = f"{name}.{buffer}"
-            candidates = {full, f"{prefix}.{full}"} if prefix else {full}
-            if prefix and full.startswith(prefix + "."):
-                candidates.add(full.removeprefix(prefix + "."))
-            if not candidates & keys:
-                delattr(module, buffer)
-                removed.append(full)
-    return removed
+        pending = module.__dict__.pop("_pending_format_upgrade", None)
+        if pending is None:
+            module.read_output_quantized()
+            continue
+        loaded = (t for t in (*module._parameters.values(), *module._buffers.values()) if t is not None)
+        device = next((t.device for t in loaded if t.device.type != "meta"), torch.device("cpu"))
+        _materialize_quant_buffers(module, device, pending["names"])
+        module._set_output_quantized(pending["output_quantized"])
+        module._non_persistent_buffers_set.difference_update(pending["names"])
+    if config is not None:
+        config.format_version = FORMAT_VERSION
 
 
 def align_storage(model: nn.Module) -> None:
@@ -350,6 +405,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
             "optimizer",
             "group_size",
             "_calibrating",
+            "_output_quantized",
         ):
             module.__dict__.pop(attr, None)
         if module.bias is not None and dtype is not None:
@@ -406,7 +462,13 @@ def check_prequantized_checkpoint(model: nn.Module, checkpoint_files: Iterable[s
             continue
         storage = ("weight", "weight_scale", "weight_shift") if module.frozen else ()  # a norm's weight is float
         tensors = {n: module._parameters[n] for n in storage if n in module._parameters}
-        tensors.update({n: module._buffers[n] for n in QUANT_BUFFERS if n in module._buffers})
+        tensors.update(
+            {
+                n: module._buffers[n]
+                for n in QUANT_BUFFERS
+                if n in module._buffers and n not in module._non_persistent_buffers_set  # format 1: not saved
+            }
+        )
         for tensor_name, expected in tensors.items():
             full = f"{name}.{tensor_name}"
             candidates = [full, f"{prefix}.{full}", full.removeprefix(prefix + ".")] if prefix else [full]

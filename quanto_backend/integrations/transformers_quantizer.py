@@ -95,7 +95,7 @@ class QuantoHfQuantizer(HfQuantizer):
             prefix = getattr(model, "base_model_prefix", "")
             keys = loading.checkpoint_keys(checkpoint_files) if config.activations is not None else set()
             if keys:
-                loading.prune_activation_scales(model, keys, prefix)
+                loading.prepare_format_upgrade(model, keys, prefix, config.format_version)
             loading.check_prequantized_checkpoint(model, checkpoint_files, prefix)
         return model
 
@@ -121,6 +121,7 @@ class QuantoHfQuantizer(HfQuantizer):
         loading.align_storage(model)
         if not self.pre_quantized:
             loading.init_unloaded_activation_scales(model)
+        loading.finish_format_upgrade(model, self.quantization_config)
         return model
 
     def get_state_dict_and_metadata(self, model):

@@ -5,10 +5,14 @@ State of a quantized module (all plain tensors, see the README's "On-disk format
 
 * ``weight``: the float weight until :meth:`QModuleMixin.freeze`, then the quantized storage (int8, float8,
   or 2/4-bit codes packed into uint8); ``weight_scale`` and, for 2/4-bit, ``weight_shift`` appear with it.
-* ``input_scale`` and ``output_scale``: 0-dim float32 static activation scales, when activations are quantized
-  (``output_scale`` only while the output is quantized, see :class:`~quanto_backend.Calibration`); none with
+* ``input_scale`` and ``output_scale``: 0-dim float32 static activation scales, on every module with static
+  activations (also where they are unused: a normalization's input, an output that is not quantized); none with
   ``activation_scales="dynamic"`` (one scale per token, computed on the fly).
 * ``input_zero_point`` and ``output_zero_point``: 0-dim int32, with the asymmetric ``quint8`` activations.
+* ``output_quantized``: 0-dim bool, with static activations: whether the output is quantized (cleared by
+  :meth:`QModuleMixin.disable_output_quantization`, e.g. by ``Calibration(streamline=True)``), so that a save
+  and reload keeps the choice. Format 1 checkpoints said the same by leaving ``output_scale`` out: see
+  :meth:`QModuleMixin.upgrade_state_dict`.
 * ``input_smooth``: ``[in_features]`` float32 SmoothQuant factors the input is divided by (the weight was
   multiplied by them), where :func:`~quanto_backend.smooth_quant` could not fold them into a normalization.
 * ``bias``: never quantized.
@@ -36,11 +40,35 @@ from ..tensor import (
     quantize_weight,
 )
 
-__all__ = ["ACTIVATION_SCALES", "QModuleMixin", "qmodule_class", "quantize_module", "register_qmodule"]
+__all__ = [
+    "ACTIVATION_SCALES",
+    "LEGACY_ACTIVATION_BUFFERS",
+    "OUTPUT_QUANTIZED",
+    "QModuleMixin",
+    "initial_buffer",
+    "qmodule_class",
+    "quantize_module",
+    "register_qmodule",
+]
 
 # "static": per-tensor scales (and zero-points) fixed by calibration; "dynamic": symmetric per-token scales
 # computed on the fly, which need no calibration.
 ACTIVATION_SCALES = ("static", "dynamic")
+
+# The buffer recording whether a module's output is quantized (format 2; format 1 removed ``output_scale``).
+OUTPUT_QUANTIZED = "output_quantized"
+# The activation tensors that a format 1 checkpoint could lack, and :meth:`QModuleMixin.upgrade_state_dict` adds.
+LEGACY_ACTIVATION_BUFFERS = ("input_scale", "input_zero_point", "output_scale", "output_zero_point")
+
+
+def initial_buffer(name: str, like: torch.Tensor, device: torch.device, module: nn.Module) -> torch.Tensor:
+    """The value a quantization buffer starts from, on ``device``: scales (and SmoothQuant factors) 1,
+    zero-points 0, ``output_quantized`` what the module was built with (``True`` unless told otherwise)."""
+    if name == OUTPUT_QUANTIZED:
+        return torch.tensor(module.__dict__.get("_output_quantized", True), device=device)
+    fill = torch.ones_like if like.is_floating_point() else torch.zeros_like
+    return fill(like, device=device)
+
 
 _QMODULE_CLASSES: dict[type[nn.Module], type[QModuleMixin]] = {}
 # The keywords of init_quantization that a quantized module's constructor passes on to it.
@@ -151,13 +179,14 @@ class QModuleMixin:
                 "leave it None for 8-bit weights"
             )
         if self.activation_qtype is not None and activation_scales == "static":
-            # The input scale exists wherever the class quantizes inputs, also when an instance was built with
-            # quantize_input=False (optimum-quanto's modules always carry it): calibration still records it.
-            sides = (["input"] if type(self).quantizes_input else []) + (["output"] if quantize_output else [])
-            for side in sides:
+            # Both scales exist on every module, used or not (a normalization's input, an output left float), as in
+            # optimum-quanto: the state has one shape whatever calibration decided, and calibration records both.
+            for side in ("input", "output"):
                 self.register_buffer(f"{side}_scale", torch.ones((), device=device))
                 if self.activation_qtype == quint8:
                     self.register_buffer(f"{side}_zero_point", torch.zeros((), dtype=torch.int32, device=device))
+            self.register_buffer(OUTPUT_QUANTIZED, torch.tensor(bool(quantize_output), device=device))
+            self._output_quantized = bool(quantize_output)  # the buffer's value, known without reading it
         if input_smooth:
             self.register_buffer("input_smooth", torch.ones(self.weight_shape[1], device=device))
         self._calibrating = False
@@ -172,10 +201,9 @@ class QModuleMixin:
         device = next(iter(module.parameters()), torch.empty(0)).device
         with torch.device("meta"):
             qmodule = cls.qcreate(module, **qconfig, device=device)
-        for name, buffer in qmodule._buffers.items():  # scales start at 1 and zero-points at 0, on the device
+        for name, buffer in qmodule._buffers.items():  # scales start at 1, zero-points at 0, on the device
             if buffer is not None and buffer.device.type == "meta" and device.type != "meta":
-                fill = torch.ones_like if buffer.is_floating_point() else torch.zeros_like
-                qmodule._buffers[name] = fill(buffer, device=device)
+                qmodule._buffers[name] = initial_buffer(name, buffer, device, qmodule)
         for name, param in module.named_parameters(recurse=False):
             setattr(qmodule, name, param)
         for name, buffer in module.named_buffers(recurse=False):
@@ -203,7 +231,68 @@ class QModuleMixin:
 
     @property
     def quantizes_output(self) -> bool:
-        return "output_scale" in self._buffers
+        """Whether the output is quantized (with ``output_scale``): the ``output_quantized`` buffer's value."""
+        # A Python copy of the buffer, read when a state is loaded (read_output_quantized), not on every call: a
+        # read of a GPU tensor waits for the device, and torch.compile would break its graph on it.
+        return OUTPUT_QUANTIZED in self._buffers and self.__dict__.get("_output_quantized", True)
+
+    def disable_output_quantization(self) -> None:
+        """Leave the output float from now on (optimum-quanto's method name). ``output_scale`` stays; the
+        ``output_quantized`` buffer records the choice, so a save and reload keep it."""
+        self._set_output_quantized(False)
+
+    def enable_output_quantization(self) -> None:
+        """Quantize the output again, with ``output_scale`` (static activations only)."""
+        if OUTPUT_QUANTIZED not in self._buffers:
+            raise ValueError(
+                f"{type(self).__name__} has no static output scale to quantize its output with (activations="
+                f"{self.activation_qtype}, activation_scales={getattr(self, 'activation_scales', None)!r})"
+            )
+        self._set_output_quantized(True)
+
+    def _set_output_quantized(self, value: bool) -> None:
+        flag = self._buffers.get(OUTPUT_QUANTIZED)
+        if flag is not None:
+            if flag.device.type != "meta":
+                flag.fill_(value)
+            self._output_quantized = value
+
+    def read_output_quantized(self) -> None:
+        """Take :attr:`quantizes_output` from the ``output_quantized`` buffer, after a loader wrote it (done by
+        ``load_state_dict`` and by the transformers / diffusers loaders)."""
+        flag = self._buffers.get(OUTPUT_QUANTIZED)
+        if flag is not None and flag.device.type != "meta":
+            self._output_quantized = bool(flag.item())
+
+    def upgrade_state_dict(self, state_dict: dict, prefix: str, missing_ok: bool = True) -> bool:
+        """Bring, in place, this module's tensors of a format 1 ``state_dict`` to the current format.
+
+        Format 1 had no ``output_quantized``: a module whose output was not quantized had no ``output_scale``
+        (its ``output_zero_point`` could remain), and a QLayerNorm had no ``input_scale``. The missing tensors are
+        added with their initial values, and ``output_quantized`` says whether ``output_scale`` was there.
+
+        Args:
+            state_dict: a mutable state dict (of this module, or of a model, with ``prefix``).
+            prefix: this module's key prefix (``"layers.0."``).
+            missing_ok: upgrade even if the state holds none of this module's quantization tensors (a streamlined
+                format 1 int8 QLayerNorm holds none): for callers that know the state is this module's, as
+                :func:`~quanto_backend.requantize` does from its quantization map. Otherwise (``load_state_dict``)
+                a state without any of them, a float state dict for one, is left alone and fails on the missing
+                scales.
+
+        Returns:
+            Whether the state was a format 1 one and was upgraded.
+        """
+        if OUTPUT_QUANTIZED not in self._buffers or prefix + OUTPUT_QUANTIZED in state_dict:
+            return False
+        names = [n for n in LEGACY_ACTIVATION_BUFFERS if n in self._buffers]
+        if not missing_ok and not any(prefix + n in state_dict for n in (*names, "weight_scale")):
+            return False
+        state_dict[prefix + OUTPUT_QUANTIZED] = torch.tensor(prefix + "output_scale" in state_dict)
+        for name in names:
+            if prefix + name not in state_dict:
+                state_dict[prefix + name] = initial_buffer(name, self._buffers[name], torch.device("cpu"), self)
+        return True
 
     @property
     def qweight(self) -> PerAxisQWeight | PerAxisAffineQWeight | GroupedQWeight | None:
@@ -239,7 +328,9 @@ class QModuleMixin:
                     self.freeze()
             else:
                 self.freeze()
+        self.upgrade_state_dict(state_dict, prefix, missing_ok=False)  # a format 1 state dict
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.read_output_quantized()
         self.align_storage()  # with assign=True the module now holds the checkpoint's own tensors
 
     def set_quantized_weight(self, weight: torch.Tensor) -> None:

@@ -2,9 +2,11 @@
 
 Conventions, written down here once:
 
-* Symmetric (8-bit) quantization: ``q = clamp(round(x / scale), -127, 127)`` for int8 and
+* Symmetric (8-bit) quantization: ``q = clamp(round(x / scale), -128, 127)`` for int8 and
   ``q = clamp(x / scale, -max, max)`` cast to float8; ``x ~= q * scale``. ``scale`` broadcasts against ``x``:
   ``[out, 1]`` per output channel for weights, 0-dim per tensor or ``[..., 1]`` per token for activations.
+  Scales map the largest magnitude to 127 (``absmax / 127``), so -128 holds only values beyond a static scale's
+  calibrated range, which it rounds to more closely than -127 would (optimum-quanto and torch.ao clamp alike).
 * Affine (2/4-bit) quantization, group-wise along the input dimension:
   ``q = clamp(round(w / scale + shift), 0, 2**bits - 1)`` and ``w ~= (q - shift) * scale``. ``scale`` and
   ``shift`` are ``[out, n_groups]`` in the weight's float dtype; ``shift`` is the zero-point in the quantized
@@ -26,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 INT8_MAX = 127.0
+INT8_MIN = -128.0
 
 
 def pack(values: torch.Tensor, bits: int) -> torch.Tensor:
@@ -51,7 +54,7 @@ def quantize_symmetric(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype)
         info = torch.finfo(dtype)
         return scaled.clamp(info.min, info.max).to(dtype)
     if dtype == torch.int8:
-        return scaled.round().clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+        return scaled.round().clamp(INT8_MIN, INT8_MAX).to(torch.int8)
     raise ValueError(f"quantize_symmetric: unsupported dtype {dtype}; accepted: int8, float8_e4m3fn, float8_e5m2")
 
 

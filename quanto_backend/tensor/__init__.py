@@ -8,6 +8,7 @@ from .optimizers import (
     HqqOptimizer,
     MinMaxOptimizer,
     MseOptimizer,
+    SymmetricOptimizer,
     as_optimizer,
     choose_qparams,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "HqqOptimizer",
     "MinMaxOptimizer",
     "MseOptimizer",
+    "SymmetricOptimizer",
     "PerAxisAffineQWeight",
     "PerAxisQWeight",
     "QActivation",

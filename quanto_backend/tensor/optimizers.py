@@ -8,9 +8,16 @@
   reconstruction error (Badri & Shaji, 2023); the scale is refitted too, which matters most at 2 bits.
 
 Affine parameters follow the convention of :mod:`quanto_backend.ops.reference`: ``w ~= (q - shift) * scale``.
+
+A custom optimizer subclasses :class:`SymmetricOptimizer` (or :class:`AbsmaxOptimizer`) or :class:`AffineOptimizer`
+and overrides ``optimize``, in this library's form or in optimum-quanto's (``optimize(base, qtype, axis)``, see
+the classes).
 """
 
 from __future__ import annotations
+
+import functools
+import inspect
 
 import torch
 
@@ -19,6 +26,7 @@ from ..qtypes import QType
 __all__ = [
     "AbsmaxOptimizer",
     "AffineOptimizer",
+    "SymmetricOptimizer",
     "HqqOptimizer",
     "MinMaxOptimizer",
     "MseOptimizer",
@@ -56,17 +64,32 @@ def choose_qparams(
     return scale, zero_point.to(torch.int32)
 
 
-class AbsmaxOptimizer:
-    """Symmetric scales ``absmax / qmax``; all-zero slices get scale 1 so they quantize to exact zeros.
+class SymmetricOptimizer:
+    """Base of the optimizers of the symmetric 8-bit formats: a subclass implements
+    ``optimize(base, qtype, axis)`` (optimum-quanto's form), returning the scale in ``base``'s dtype, 0-dim for
+    ``axis=None``, ``[out, 1, ...]`` for ``axis=0``.
 
     Called as ``optimizer(base, qtype, axis)`` (optimum-quanto's signature): ``axis=None`` gives one scale for the
-    whole tensor (0-dim), an int keeps that axis (``[out, 1, ...]`` for ``axis=0``). The scale has ``base``'s dtype.
+    whole tensor, an int keeps that axis; a single slice along ``axis`` is the same as per-tensor.
     """
 
     def __call__(self, base: torch.Tensor, qtype: QType, axis: int | None = None) -> torch.Tensor:
-        w = base.float()
+        if axis not in (None, 0, -1):
+            raise ValueError(f"axis must be None, 0 (first axis) or -1 (last axis), got {axis!r}")
         if axis is not None and base.ndim > 0 and base.shape[axis] == 1:
             axis = None  # one slice along the axis: the same as per-tensor
+        return self.optimize(base, qtype, axis)
+
+    def optimize(self, base: torch.Tensor, qtype: QType, axis: int | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class AbsmaxOptimizer(SymmetricOptimizer):
+    """Symmetric scales ``absmax / qmax``; all-zero slices get scale 1 so they quantize to exact zeros. The scale
+    has ``base``'s dtype (see :class:`SymmetricOptimizer` for the call)."""
+
+    def optimize(self, base: torch.Tensor, qtype: QType, axis: int | None = None) -> torch.Tensor:
+        w = base.float()
         if axis is None:
             absmax = w.abs().amax()
         else:
@@ -76,8 +99,27 @@ class AbsmaxOptimizer:
         return torch.where(absmax > 0, scale, torch.ones_like(scale)).to(base.dtype)
 
 
+@functools.cache
+def _takes_axis(optimize) -> bool:
+    """Whether an ``optimize`` method has optimum-quanto's form ``optimize(base, qtype, axis)`` (a third argument
+    besides ``self``, required) rather than this library's ``optimize(groups, qtype)``."""
+    params = [
+        p
+        for p in inspect.signature(optimize).parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    return len(params) >= 4 and params[3].default is inspect.Parameter.empty
+
+
 class AffineOptimizer:
-    """Base of the optimizers for the affine group-wise formats; subclasses implement :meth:`optimize`.
+    """Base of the optimizers for the affine group-wise formats; subclasses implement ``optimize``, in either form:
+
+    * ``optimize(groups, qtype)``: ``groups`` ``[..., n_groups, group_size]``; returns this library's
+      ``(scale, shift)``, each ``[..., n_groups]``, with ``w ~= (q - shift) * scale``.
+    * ``optimize(base, qtype, axis)`` (optimum-quanto's): ``base`` is the grouped weight ``[n_groups_total,
+      group_size]`` and ``axis`` 0; returns optimum-quanto's ``(scale, shift)``, each ``[n_groups_total, 1]``, with
+      ``w ~= q * scale - shift``, which this class converts (``qtype.bits`` is what optimum-quanto's own optimizers
+      read: the codes are ``[0, 2**bits - 1]``).
 
     Two ways to call one:
 
@@ -100,7 +142,7 @@ class AffineOptimizer:
         zeropoint: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if axis is None and group_size is None and not zeropoint:
-            return self.optimize(base, qtype)
+            return self._optimize(base, qtype)
         if axis not in (0, -1):
             raise ValueError(f"axis must be 0 (first axis) or -1 (last axis), got {axis!r}")
         if axis == -1:
@@ -114,7 +156,7 @@ class AffineOptimizer:
             raise ValueError(
                 f"group_size must divide the {flat.shape[1]} inputs per output channel, got {group_size!r}"
             )
-        scale, shift = self.optimize(flat.unflatten(1, (-1, size)), qtype)
+        scale, shift = self._optimize(flat.unflatten(1, (-1, size)), qtype)
         shape = (-1, 1) if group_size is not None else (base.shape[0], *([1] * (base.ndim - 1)))
         if zeropoint:
             codes = shift.round().clamp(qtype.qmin, qtype.qmax).to(torch.uint8)
@@ -124,6 +166,21 @@ class AffineOptimizer:
     def optimize(self, groups: torch.Tensor, qtype: QType) -> tuple[torch.Tensor, torch.Tensor]:
         """``(scale, shift)`` of ``groups`` ``[..., n_groups, group_size]``, each ``[..., n_groups]`` float32."""
         raise NotImplementedError
+
+    def _optimize(self, groups: torch.Tensor, qtype: QType) -> tuple[torch.Tensor, torch.Tensor]:
+        """This library's ``(scale, shift)`` of ``groups``, from an ``optimize`` of either form."""
+        if not _takes_axis(type(self).optimize):
+            return self.optimize(groups, qtype)
+        rows = groups.reshape(-1, groups.shape[-1])  # optimum-quanto's grouping: [n_groups_total, group_size]
+        scale, shift = self.optimize(rows, qtype, 0)
+        if scale.numel() != rows.shape[0] or shift.numel() != rows.shape[0]:
+            raise ValueError(
+                f"{type(self).__name__}.optimize(base, qtype, axis) must return a scale and a shift per group "
+                f"({rows.shape[0]}), got shapes {tuple(scale.shape)} and {tuple(shift.shape)}"
+            )
+        scale = scale.float().reshape(groups.shape[:-1])
+        shift = shift.float().reshape(groups.shape[:-1])
+        return scale, shift / scale  # optimum-quanto's shift is in the weight's units, this library's in codes
 
 
 class MinMaxOptimizer(AffineOptimizer):
@@ -320,10 +377,10 @@ def default_affine_optimizer(qtype: QType) -> AffineOptimizer:
 _OPTIMIZERS = {"absmax": AbsmaxOptimizer, "minmax": MinMaxOptimizer, "hqq": HqqOptimizer, "mse": MseOptimizer}
 
 
-def as_optimizer(value) -> AbsmaxOptimizer | AffineOptimizer | None:
+def as_optimizer(value) -> SymmetricOptimizer | AffineOptimizer | None:
     """Turn ``None``, a name (``"absmax"``, ``"minmax"``, ``"mse"``, ``"hqq"``) or an optimizer instance into an
     optimizer."""
-    if value is None or isinstance(value, (AbsmaxOptimizer, AffineOptimizer)):
+    if value is None or isinstance(value, (SymmetricOptimizer, AffineOptimizer)):
         return value
     if isinstance(value, str) and value.lower() in _OPTIMIZERS:
         return _OPTIMIZERS[value.lower()]()
