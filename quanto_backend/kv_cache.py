@@ -14,6 +14,10 @@ Layout of the stored codes, for states ``[batch, kv_heads, seq, head_dim]``:
   tokens; codes are ``[batch, heads, head_dim, seq * bits / 8]``, scale and offset
   ``[batch, heads, head_dim, seq / q_group_size]``; tokens are flushed in whole groups (the rest stays residual).
 
+2/4-bit codes are packed in *planar* order within each group: with ``n = q_group_size * bits / 8`` bytes per
+group, bits ``[i * bits, (i + 1) * bits)`` of the group's byte ``j`` hold its value ``i * n + j`` (not the
+interleaved order of :func:`quanto_backend.ops.reference.pack`), so that dequantization writes contiguous runs.
+
 Integer codes are affine per group, ``x ~= (q - shift) * scale`` (the convention of
 :mod:`quanto_backend.ops.reference`; ``scale``/``shift`` from min-max, refined by HQQ by default); float8 codes
 are symmetric, ``x ~= q * scale``. Groups never span batch rows, so beam-search reordering selects rows of the
@@ -66,6 +70,22 @@ def _check_layer_args(
         )
 
 
+# float8 e4m3 -> float32 by torch's conversion is a scalar loop on CPU (about 4x slower than the rest of a
+# dequantization together); the same bits moved into a float16 are exact and convert on the vector units. e4m3's
+# sign, 4-bit exponent (bias 7) and 3-bit mantissa become float16's sign, the low 4 of its 5 exponent bits (bias 15)
+# and the top of its mantissa: every finite code, subnormals included, maps to its value times 2 ** -8.
+_FLOAT8_VIA_HALF_FACTOR = 256.0
+_FLOAT8_TO_HALF_BITS = -16512  # 0xBF80 as int16: the sign bit and the 7 bits of exponent and mantissa
+
+
+def _float8_into(codes: torch.Tensor, out: torch.Tensor) -> None:
+    """Write the float8 e4m3fn ``codes`` into ``out`` as values times ``2 ** -8`` (any float dtype)."""
+    bits = codes.view(torch.uint8).to(torch.int16)
+    # byte b -> (b << 7) with the sign moved from bit 14 to bit 15: shift left 8, arithmetic shift right 1, mask
+    bits.bitwise_left_shift_(8).bitwise_right_shift_(1).bitwise_and_(_FLOAT8_TO_HALF_BITS)
+    out.copy_(bits.view(torch.float16))
+
+
 class _QuantizedStates:
     """The quantized part of one layer's keys or values, grown one block at a time.
 
@@ -109,8 +129,13 @@ class _QuantizedStates:
         else:
             scale, shift = self.optimizer(groups, self.qtype)
             scale, shift = scale.to(states.dtype), shift.to(states.dtype)
-            # As 2-D rows, the shape the CUDA kernels take.
             bits = self.qtype.bits
+            if bits < 8:
+                # Planar order within each group (see the module docstring): ops.quantize_affine packs values
+                # j * per_byte + i into byte j, so it is given value i * n_bytes + j there.
+                per_byte = 8 // bits
+                rows = groups.unflatten(-1, (per_byte, -1)).transpose(-1, -2).flatten(-3)
+            # As 2-D rows, the shape the CUDA kernels take.
             flat = ops.quantize_affine(
                 rows.reshape(-1, rows.shape[-1]), scale.flatten(0, -2), shift.flatten(0, -2), bits
             )
@@ -124,30 +149,40 @@ class _QuantizedStates:
         self.length += states.shape[-2]
 
     def dequantize_into(self, out: torch.Tensor) -> None:
-        """Write the states into ``out`` ``[b, h, length, d]`` (a view of the buffer returned to attention)."""
+        """Write the states into ``out`` ``[b, h, length, d]`` (a view of the buffer returned to attention).
+
+        The codes are first written into ``out`` as values (one conversion pass), then scaled and offset in place,
+        every pass with a single dtype: on CPU an elementwise op over mixed dtypes (uint8 codes times float
+        scales, as ``addcmul`` would take them) falls off the vectorised path and costs several times more.
+        """
         rows = out if self.axis == 0 else out.transpose(-1, -2)
         groups = rows.unflatten(-1, (-1, self.group_size))
+        scale = self.scale.unsqueeze(-1)
         if self.qtype is None:
-            groups.copy_(self.codes.unflatten(-1, (-1, self.group_size)))
-            groups.mul_(self.scale.unsqueeze(-1))
+            _float8_into(self.codes, rows)
+            groups.mul_(scale * _FLOAT8_VIA_HALF_FACTOR)
             return
-        scale, offset = self.scale.unsqueeze(-1), self.offset.unsqueeze(-1)
+        offset = self.offset.unsqueeze(-1)
         bits = self.qtype.bits
         if bits == 8:  # 8-bit codes are stored as they are (packing them is the identity)
-            torch.addcmul(offset, self.codes.unflatten(-1, (-1, self.group_size)), scale, out=groups)
-            return
-        # Packed codes, in the layout of ops.reference.pack (byte j holds values j * per_byte + i at bits
-        # i * bits): each of the per_byte value positions is shifted out and dequantized into its strided place in
-        # `out`, which reads the codes once instead of unpacking them to a full-size temporary first (0.36 ->
-        # 0.22 ms for int4 [1, 4, 1024, 64] on 2 cores).
-        per_byte, mask = 8 // bits, (1 << bits) - 1
-        packed = self.codes.unflatten(-1, (-1, self.group_size // per_byte))
-        places = groups.unflatten(-1, (-1, per_byte))
-        for i in range(per_byte):
-            codes = packed if i == 0 else packed >> (bits * i)
-            if i < per_byte - 1:
-                codes = codes & mask
-            torch.addcmul(offset, codes, scale, out=places[..., i])
+            codes = self.codes.unflatten(-1, (-1, self.group_size))
+            if out.dtype != torch.float32:
+                # codes up to 255 times the scale, rounded to bf16/f16 before the offset is added, would lose up to
+                # half a code step: one fused op rounds once
+                torch.addcmul(offset, codes, scale, out=groups)
+                return
+            groups.copy_(codes)
+        else:
+            # Planar packed codes: bit position i of a group's byte j holds value i * n_bytes + j, so each position
+            # is shifted out and converted into a contiguous run of n_bytes values (the interleaved layout of
+            # ops.reference.pack would make every write strided: 1.7x slower at 4 bits, 1.5x at 2).
+            per_byte, mask = 8 // bits, (1 << bits) - 1
+            planes = groups.unflatten(-1, (per_byte, -1))
+            packed = self.codes.unflatten(-1, (-1, self.group_size // per_byte))
+            for i in range(per_byte):
+                codes = packed if i == 0 else packed >> (bits * i)
+                planes[..., i, :].copy_(codes & mask if i < per_byte - 1 else codes)
+        groups.mul_(scale).add_(offset)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         """The states ``[b, h, length, d]`` in ``dtype``."""

@@ -157,6 +157,16 @@ def test_kv_cache(tmp_path, monkeypatch):
     assert set(report["step_time"]["min_ms_per_step"]) == {"DynamicCache", "int4", "float8"}
 
 
+def test_lora_merge(tmp_path):
+    out = tmp_path / "lm.json"
+    run_script("lora_merge.py", "--quick", "--formats", "int4", "--output", out)
+    report = json.loads(out.read_text())
+    assert report["machine"]["cpu_capability"] and set(report["mean"]) == {"int4"}
+    row = report["rows"]["int4"][0]
+    assert 0 < row["delta_over_W"] and 0 < row["adapter_effect"]
+    assert all(0 < row[k] < 1 for k in ("fresh", "grid", "best", "own_error"))
+
+
 def test_qlora_memory(tmp_path):
     out = tmp_path / "q.json"
     run_script("qlora_memory.py", "--quick", "--configs", "bfloat16", "int4", "--output", out)

@@ -202,6 +202,8 @@ def test_dequantization_matches_the_reference_op(nbits, axis):
     shift = -stored.offset.float() / stored.scale.float()
     flat = ops.dequantize_affine(stored.codes.flatten(0, -2), stored.scale.flatten(0, -2), shift.flatten(0, -2), nbits)
     reference = flat.reshape(*stored.codes.shape[:-1], -1)
+    if nbits < 8:  # planar order within each group: value i * n_bytes + j sits at packed position (j, i)
+        reference = reference.unflatten(-1, (-1, 16 * nbits // 8, 8 // nbits)).transpose(-1, -2).flatten(-3)
     reference = reference if axis == 0 else reference.transpose(-1, -2)
     torch.testing.assert_close(stored.dequantize(torch.float32), reference, rtol=1e-5, atol=1e-5)
     bound = {8: 0.01, 4: 0.1, 2: 0.5}[nbits]
@@ -210,3 +212,18 @@ def test_dequantization_matches_the_reference_op(nbits, axis):
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_float8_dequantization_is_exact(dtype):
+    # every finite e4m3 code (subnormals and both zeros included; two zeros pad 254 codes to 256) times a
+    # per-group scale, against torch's own float8 conversion
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    codes = torch.cat([codes[~codes.float().isnan()], torch.zeros(2, dtype=torch.float8_e4m3fn)])
+    layer = QuantizedLayer(nbits=8, float8=True, q_group_size=16, residual_length=0)
+    layer.update(torch.ones(1, 2, 8, 16, dtype=dtype), torch.ones(1, 2, 8, 16, dtype=dtype))
+    stored = layer.quantized_keys
+    stored.codes = codes.reshape(1, 2, 8, 16)
+    stored.scale = torch.tensor([0.5, 3.0], dtype=dtype).reshape(1, 2, 1, 1).expand(1, 2, 8, 1).contiguous()
+    expected = (stored.codes.float() * stored.scale.float()).to(dtype)
+    torch.testing.assert_close(stored.dequantize(dtype), expected, rtol=0, atol=0)

@@ -12,11 +12,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from quanto_backend import QConv2d, QLinear, freeze, quantize
 from quanto_backend.lora import QuantizedLoraConv2d, QuantizedLoraLinear, convert_lora_layers, register_quantized_lora
 
-# Merged vs unmerged logits of the tiny Llama. Merging requantizes W + delta, so its error is the format's own
-# quantization error on this model (measured: int8 0.012, float8 0.046, int4 0.167, int2 0.60 for the float model
-# vs quantized), which no merge that keeps the format can go below; issue 15's 0.01 (int8) and 0.05 (int4) are
-# under it here. Asserted: at most OWN_ERROR_FACTOR times the own error, and these regression bounds (measured
-# 0.0147, 0.0544, 0.163, 0.536).
+# Merged vs unmerged logits of the tiny Llama with the large random adapters of the mechanics tests below (about half
+# the weights' spread): regression bounds (measured 0.0147, 0.0544, 0.163, 0.536). The error targets are asserted
+# with trained adapters in test_merge_error_with_a_trained_adapter.
 MERGE_BOUNDS = {"int8": 0.02, "float8": 0.07, "int4": 0.2, "int2": 0.65}
 OWN_ERROR_FACTOR = 1.3
 TARGETS = ["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]
@@ -113,22 +111,71 @@ def test_merge_unmerge_merge_and_unload_llama(weights):
         torch.testing.assert_close(unloaded(IDS).logits, merged, rtol=0, atol=0)
 
 
+SUCCESSOR = torch.randperm(256, generator=torch.Generator().manual_seed(0))
+
+
+def _task_batch(n: int, length: int, generator: torch.Generator) -> torch.Tensor:
+    """Sequences of a deterministic language: each token is followed by ``SUCCESSOR[token]``."""
+    ids = torch.empty(n, length, dtype=torch.long)
+    ids[:, 0] = torch.randint(0, 256, (n,), generator=generator)
+    for t in range(1, length):
+        ids[:, t] = SUCCESSOR[ids[:, t - 1]]
+    return ids
+
+
+def _train_adapters(model: nn.Module, steps: int = 30, lr: float = 5e-4) -> None:
+    """QLoRA-style: AdamW on the adapters of a frozen (quantized) base, from peft's default init (B = 0)."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    generator = torch.Generator().manual_seed(1)
+    model.train()
+    for _ in range(steps):
+        ids = _task_batch(8, 32, generator)
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+
+
+# Trained adapters (above): ||delta|| / ||W|| = 0.11-0.12, the 0.06-0.11 the LoRA paper reports for GPT-3's W_q
+# (random B of a chosen norm would not say which norm is realistic; training says it). Merged vs unmerged logits,
+# measured on this exact setup: int8 0.0104, float8 0.0403, int4 0.157, int2 0.407; bench/lora_merge.py (three
+# seeds, bench/results/lora_merge-cpu.json): 0.0106, 0.040, 0.143, 0.402. Issue 15 asks int8 <= 0.01 and
+# int4 <= 0.05: neither is met. What is lost is the rounding of the merged weight onto the format's grid, which is
+# the format's own quantization error on this model (float vs quantized, same adapters: int8 0.0103, int4 0.145):
+# rounding onto the module's existing grid instead measured higher ("grid": int8 0.0164, int4 0.169, clipping what
+# the adapter moves out of the old range), and choosing per row/group the better of the two no lower ("best":
+# 0.0109, 0.144). Asserted: these bounds, just above what is measured, and the format's own error.
+TRAINED_MERGE_BOUNDS = {"int8": 0.011, "float8": 0.043, "int4": 0.165, "int2": 0.43}
+
+
 @pytest.mark.parametrize("weights", ["int8", "float8", "int4", "int2"])
-def test_merge_error_is_the_formats_own_quantization_error(weights):
-    peft_model = _quantized_peft_llama(weights)
+def test_merge_error_with_a_trained_adapter(weights):
+    model = _tiny_llama()
+    quantize(model, weights=weights, exclude=["lm_head"])
+    freeze(model)
+    peft_model = get_peft_model(model, register_quantized_lora(LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS)))
+    _train_adapters(peft_model)
+    ids = _task_batch(4, 64, torch.Generator().manual_seed(5))
     with torch.no_grad():
-        unmerged = peft_model(IDS).logits
-        merged = peft_model.merge_and_unload()(IDS).logits
+        unmerged = peft_model(ids).logits
+        with peft_model.disable_adapter():
+            base_only = peft_model(ids).logits
+        assert _rel(unmerged, base_only) > 0.3  # the adapter matters: dropping it would miss every bound below
+        adapters = {k: v.clone() for k, v in peft_model.state_dict().items() if "lora_" in k}
+        merged = peft_model.merge_and_unload()(ids).logits
+    error = _rel(merged, unmerged)
+    assert error <= TRAINED_MERGE_BOUNDS[weights], error
     # the same adapters merged into the float model, which is then quantized: the format's own error there
     float_model = get_peft_model(_tiny_llama(), LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS)).eval()
-    _randomize_adapters(float_model, 1)
+    loaded = float_model.load_state_dict(adapters, strict=False)
+    assert not loaded.unexpected_keys
     float_merged = float_model.merge_and_unload()
     with torch.no_grad():
-        reference = float_merged(IDS).logits
+        reference = float_merged(ids).logits
         quantize(float_merged, weights=weights, exclude=["lm_head"])
         freeze(float_merged)
-        own_error = _rel(float_merged(IDS).logits, reference)
-    assert _rel(merged, unmerged) <= OWN_ERROR_FACTOR * own_error, (_rel(merged, unmerged), own_error)
+        own_error = _rel(float_merged(ids).logits, reference)
+    assert error <= OWN_ERROR_FACTOR * own_error, (error, own_error)
 
 
 def test_merge_on_unfrozen_modules_and_exact_restore():
