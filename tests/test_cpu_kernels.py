@@ -125,12 +125,12 @@ def test_linear_w8_batched_input_and_float32_scale(spy, monkeypatch, dtype):
 
 @pytest.mark.parametrize("m", [1, 4, 5, 32])
 def test_linear_w8_large_layer_dispatch(spy, m):
-    # A layer of a million weights: the packed kernel for a few rows, then the sliced _int_mm path where it holds.
-    weight, scale = int8_weight(1024, 1024, torch.bfloat16)
-    x = torch.randn(m, 1024, dtype=torch.bfloat16)
+    # A layer of four million weights: the packed kernel for a few rows, then the sliced _int_mm path where it holds.
+    weight, scale = int8_weight(2048, 2048, torch.bfloat16)
+    x = torch.randn(m, 2048, dtype=torch.bfloat16)
     out = ops.linear_w8(x, weight, scale, None)
-    fast = int8pack_takes(1024) and m <= cpu.kernel_max_rows(1024, 1024, 8, torch.bfloat16)
-    sliced = takes_sliced(1024, 1024, fast)
+    fast = int8pack_takes(2048) and m <= cpu.kernel_max_rows(2048, 2048, 8, torch.bfloat16)
+    sliced = takes_sliced(2048, 2048, fast)
     if cpu.cpu_capability() in cpu._SLICED_BOUNDS:
         assert fast == (m <= cpu._SLICED_BOUNDS[cpu.cpu_capability()].kernel_rows) and sliced == (not fast)
     assert (spy.calls["_weight_int8pack_mm"], spy.calls["_int_mm"]) == (int(fast), int(sliced))
@@ -187,7 +187,7 @@ def test_row_bound_grows_with_the_weight(monkeypatch):
     monkeypatch.undo()
     for capability, bound in cpu._SLICED_BOUNDS.items():
         monkeypatch.setattr(cpu, "cpu_capability", lambda capability=capability: capability)
-        assert cpu.kernel_max_rows(1024, 1024, 8) == cpu.kernel_max_rows(4096, 14336, 8) == bound.kernel_rows
+        assert cpu.kernel_max_rows(2048, 2048, 8) == cpu.kernel_max_rows(4096, 14336, 8) == bound.kernel_rows
 
 
 def test_linear_w8_float8_weight_takes_the_reference(spy):

@@ -176,8 +176,11 @@ class SlicedBound:
     kernel_rows: int
 
 
-# Fitted to bench/cpu_dispatch.py (sliced_ms against kernel_ms and dequantized_ms), where INT_MM holds.
-_SLICED_BOUNDS: dict[str, SlicedBound] = {"AVX512": SlicedBound(min_weights=1 << 20, kernel_rows=4)}
+# Fitted to bench/cpu_dispatch.py (sliced_ms against kernel_ms and dequantized_ms), where INT_MM holds. AVX512 (2
+# Sapphire Rapids cores): from 1024 x 4096 weights up, the sliced path beats the kernel from 8 rows (at 4 the
+# kernel wins) and the dequantizing path at every row count; at 1024 x 1024 the kernel wins up to 16 rows, and the
+# sliced path's fixed cost (about 0.2 ms) loses to the dequantizing one beyond.
+_SLICED_BOUNDS: dict[str, SlicedBound] = {"AVX512": SlicedBound(min_weights=1 << 22, kernel_rows=4)}
 
 
 def _sliced_bound(out_features: int, in_features: int) -> SlicedBound | None:
