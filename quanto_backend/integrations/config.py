@@ -25,7 +25,8 @@ __all__ = ["FORMAT_VERSION", "QUANT_METHOD", "QuantoBackendMethod", "QuantoConfi
 
 # Version of the on-disk layout (tensor names, packing, sign of the shift, scale shapes) that a checkpoint's
 # ``quantization_config`` records. Bump it when a change would make an older reader load a newer checkpoint wrong.
-FORMAT_VERSION = 1
+# 2: a static qint8 input may carry an `input_zero_point` (int8 codes with a zero-point, set by calibration).
+FORMAT_VERSION = 2
 
 
 class QuantoBackendMethod(str, Enum):

@@ -98,7 +98,9 @@ class QuantoDiffusersQuantizer(DiffusersQuantizer):
         loading.replace_with_qmodules(model, config, self.modules_to_not_convert, frozen=self.pre_quantized)
         if self.pre_quantized:
             if config.activations is not None:
-                loading.prune_activation_scales(model, loading.checkpoint_keys(self._checkpoint_files))
+                keys = loading.checkpoint_keys(self._checkpoint_files)
+                loading.prune_activation_scales(model, keys)
+                loading.add_input_zero_points(model, keys)
             loading.check_prequantized_checkpoint(model, self._checkpoint_files)
         model.config.quantization_config = config
         return model

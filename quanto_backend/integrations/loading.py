@@ -20,6 +20,7 @@ from ..nn import QModuleMixin, quantize_module
 from .config import QuantoConfig
 
 __all__ = [
+    "add_input_zero_points",
     "align_storage",
     "QUANT_BUFFERS",
     "release_checkpoint_pages",
@@ -280,6 +281,32 @@ def prune_activation_scales(model: nn.Module, checkpoint_keys: Iterable[str], pr
                 delattr(module, buffer)
                 removed.append(full)
     return removed
+
+
+def add_input_zero_points(model: nn.Module, checkpoint_keys: Iterable[str], prefix: str = "") -> list[str]:
+    """Give the ``qint8`` modules of a pre-quantized skeleton the ``input_zero_point`` that the checkpoint holds.
+
+    :class:`~quanto_backend.Calibration` gives a static int8 input a zero-point where it is mostly one-sided; the
+    skeleton rebuilt from the config has symmetric inputs, so the checkpoint decides (as for output scales).
+
+    Returns:
+        The names of the added buffers.
+    """
+    keys = set(checkpoint_keys)
+    added = []
+    for name, module in model.named_modules():
+        if not isinstance(module, QModuleMixin) or "input_scale" not in module._buffers:
+            continue
+        if "input_zero_point" in module._buffers:
+            continue
+        full = f"{name}.input_zero_point"
+        candidates = {full, f"{prefix}.{full}"} if prefix else {full}
+        if prefix and full.startswith(prefix + "."):
+            candidates.add(full.removeprefix(prefix + "."))
+        if candidates & keys:
+            module.set_input_zero_point(torch.zeros((), dtype=torch.int32, device=module.input_scale.device))
+            added.append(full)
+    return added
 
 
 def align_storage(model: nn.Module) -> None:
