@@ -186,7 +186,7 @@ def test_mse_clip_search_is_the_same_in_any_blocks_and_refits_down():
     whole = MseOptimizer().optimize(groups, qint4)
     blocked = MseOptimizer()
     blocked.block_elements = 64 * 10  # blocks of 10 groups and a last one of 1
-    for a, b in zip(whole, blocked.optimize(groups, qint4)):
+    for a, b in zip(whole, blocked.optimize(groups, qint4), strict=True):
         assert a.shape == (37, 3) and a.dtype == torch.float32
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 

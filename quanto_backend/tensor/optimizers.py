@@ -254,8 +254,8 @@ class MseOptimizer(AffineOptimizer):
 
     At 4 bits (all-MiniLM-L6-v2, groups of 128) its reconstruction error is within 1% of :class:`HqqOptimizer`'s
     (relative error 0.1003 against HQQ's 0.0993 and min-max's 0.1065; seven factors from 1.0 to 0.7 give 0.0997
-    for twice the search), for about a tenth of HQQ's time and four times min-max's. At 2 bits HQQ's iterated refit
-    of the scale is worth its cost.
+    for twice the search), for a fifteenth to a thirtieth of HQQ's time and 7 to 10 times min-max's (one thread,
+    1024 x 2816 and 12000 x 1024 weights). At 2 bits HQQ's iterated refit of the scale is worth its cost.
 
     Why it is cheap: shrinking ``[min, max]`` by ``f`` about 0 multiplies the step by ``f`` and keeps the shift, so
     every candidate's codes are an affine map of the same normalized weight ``u = (w - min) / step``, and each
@@ -290,7 +290,11 @@ class MseOptimizer(AffineOptimizer):
         for start in range(0, flat.shape[0], rows):
             stop = min(start + rows, flat.shape[0])
             self._optimize_block(
-                flat[start:stop].float(), qtype, scale[start:stop], shift[start:stop], *(b[: stop - start] for b in buffers)
+                flat[start:stop].float(),
+                qtype,
+                scale[start:stop],
+                shift[start:stop],
+                *(b[: stop - start] for b in buffers),
             )
         return scale.reshape(groups.shape[:-1]), shift.reshape(groups.shape[:-1])
 
