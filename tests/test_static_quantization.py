@@ -19,6 +19,7 @@ from quanto_backend import (
     freeze,
     insert_observers,
     ops,
+    qfloat8,
     qint8,
     quantization_map,
     quantize,
@@ -263,5 +264,21 @@ def test_quint8_activations_need_a_zero_point():
 
     with pytest.raises(ValueError, match="zero_point"):
         quantize_activation(torch.randn(3), quint8, torch.tensor(0.1))
+    zero_point = torch.tensor(0, dtype=torch.int32)
     with pytest.raises(ValueError, match="zero_point"):
-        quantize_activation(torch.randn(3), qint8, torch.tensor(0.1), torch.tensor(0, dtype=torch.int32))
+        quantize_activation(torch.randn(3), qfloat8, torch.tensor(0.1), zero_point)
+    with pytest.raises(ValueError, match="zero_point"):  # a zero-point needs a static scale
+        quantize_activation(torch.randn(3), qint8, None, zero_point)
+
+
+def test_qint8_activations_with_a_zero_point_are_asymmetric_int8_codes():
+    from quanto_backend import quantize_activation
+
+    x = torch.tensor([-0.2, 0.0, 0.05, 1.0, 5.0])
+    scale, zero_point = torch.tensor(5.2 / 255), torch.tensor(-118, dtype=torch.int32)
+    q = quantize_activation(x, qint8, scale, zero_point)
+    assert q.qdata.dtype == torch.int8
+    expected = ((x / scale).round() + zero_point).clamp(-128, 127)
+    assert torch.equal(q.qdata.float(), expected)
+    assert torch.equal(q.qdata[1], zero_point.to(torch.int8))  # 0.0 is exact
+    assert torch.allclose(q.dequantize(), x, atol=float(scale) / 2 + 1e-7)

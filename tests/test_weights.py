@@ -175,3 +175,27 @@ def test_mse_clip_search_never_worse_than_minmax_and_exact_on_flat_groups():
         assert (q.dequantize()[3] == 0.5).all() and (q.dequantize()[4, :128] == 0).all()
     with pytest.raises(ValueError, match="shrink"):
         MseOptimizer((1.0, 1.5))
+
+
+def test_mse_clip_search_is_the_same_in_any_blocks_and_refits_down():
+    from quanto_backend import MseOptimizer
+    from quanto_backend.tensor import MinMaxOptimizer
+
+    torch.manual_seed(0)
+    groups = (torch.randn(37, 3, 64) * torch.rand(37, 3, 1)).to(torch.bfloat16)  # 111 groups
+    whole = MseOptimizer().optimize(groups, qint4)
+    blocked = MseOptimizer()
+    blocked.block_elements = 64 * 10  # blocks of 10 groups and a last one of 1
+    for a, b in zip(whole, blocked.optimize(groups, qint4), strict=True):
+        assert a.shape == (37, 3) and a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+    def error(scale, shift):
+        w = groups.float()
+        codes = (w / scale[..., None] + shift[..., None]).round().clamp(0, 15)
+        return (((codes - shift[..., None]) * scale[..., None] - w) ** 2).sum(-1)
+
+    searched = error(*MseOptimizer(refit=False).optimize(groups, qint4))
+    refit = error(*whole)
+    assert (refit <= searched * (1 + 1e-5) + 1e-9).all()  # the refit never raises a group's error
+    assert refit.sum() < searched.sum() and searched.sum() < error(*MinMaxOptimizer().optimize(groups, qint4)).sum()

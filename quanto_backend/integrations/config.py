@@ -26,7 +26,8 @@ __all__ = ["FORMAT_VERSION", "QUANT_METHOD", "QuantoBackendMethod", "QuantoConfi
 # Version of the on-disk layout (tensor names, packing, sign of the shift, scale shapes) that a checkpoint's
 # ``quantization_config`` records. Bump it when a change would make an older reader load a newer checkpoint wrong.
 # 1: an output left float had no ``output_scale``; a QLayerNorm had no ``input_scale``.
-# 2: every module with static activations has both scales, and an ``output_quantized`` bool (format 1 still loads).
+# 2: every module with static activations has both scales, and an ``output_quantized`` bool; a static qint8 input
+#    may carry an ``input_zero_point`` (int8 codes with a zero-point, set by calibration). Format 1 still loads.
 FORMAT_VERSION = 2
 
 

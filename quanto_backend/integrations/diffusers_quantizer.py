@@ -100,6 +100,7 @@ class QuantoDiffusersQuantizer(DiffusersQuantizer):
             if config.activations is not None:
                 keys = loading.checkpoint_keys(self._checkpoint_files)
                 loading.prepare_format_upgrade(model, keys, format_version=config.format_version)
+                loading.add_input_zero_points(model, keys)
             loading.check_prequantized_checkpoint(model, self._checkpoint_files)
         model.config.quantization_config = config
         return model

@@ -21,6 +21,7 @@ from ..nn.qmodule import OUTPUT_QUANTIZED, initial_buffer
 from .config import FORMAT_VERSION, QuantoConfig
 
 __all__ = [
+    "add_input_zero_points",
     "align_storage",
     "QUANT_BUFFERS",
     "release_checkpoint_pages",
@@ -335,6 +336,29 @@ def finish_format_upgrade(model: nn.Module, config: QuantoConfig | None = None) 
         module._non_persistent_buffers_set.difference_update(pending["names"])
     if config is not None:
         config.format_version = FORMAT_VERSION
+
+
+def add_input_zero_points(model: nn.Module, checkpoint_keys: Iterable[str], prefix: str = "") -> list[str]:
+    """Give the ``qint8`` modules of a pre-quantized skeleton the ``input_zero_point`` that the checkpoint holds.
+
+    :class:`~quanto_backend.Calibration` gives a static int8 input a zero-point where it is mostly one-sided; the
+    skeleton rebuilt from the config has symmetric inputs, so the checkpoint decides (as for output scales).
+
+    Returns:
+        The names of the added buffers.
+    """
+    keys = set(checkpoint_keys)
+    added = []
+    for name, module in model.named_modules():
+        if not isinstance(module, QModuleMixin) or "input_scale" not in module._buffers:
+            continue
+        if "input_zero_point" in module._buffers:
+            continue
+        full = f"{name}.input_zero_point"
+        if _checkpoint_key(full, keys, prefix) is not None:
+            module.set_input_zero_point(torch.zeros((), dtype=torch.int32, device=module.input_scale.device))
+            added.append(full)
+    return added
 
 
 def align_storage(model: nn.Module) -> None:

@@ -96,6 +96,7 @@ class QuantoHfQuantizer(HfQuantizer):
             keys = loading.checkpoint_keys(checkpoint_files) if config.activations is not None else set()
             if keys:
                 loading.prepare_format_upgrade(model, keys, prefix, config.format_version)
+                loading.add_input_zero_points(model, keys, prefix)
             loading.check_prequantized_checkpoint(model, checkpoint_files, prefix)
         return model
 

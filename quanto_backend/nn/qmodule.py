@@ -8,7 +8,9 @@ State of a quantized module (all plain tensors, see the README's "On-disk format
 * ``input_scale`` and ``output_scale``: 0-dim float32 static activation scales, on every module with static
   activations (also where they are unused: a normalization's input, an output that is not quantized); none with
   ``activation_scales="dynamic"`` (one scale per token, computed on the fly).
-* ``input_zero_point`` and ``output_zero_point``: 0-dim int32, with the asymmetric ``quint8`` activations.
+* ``input_zero_point`` and ``output_zero_point``: 0-dim int32, with the asymmetric ``quint8`` activations; and
+  ``input_zero_point`` alone on a ``qint8`` module whose calibrated input was mostly one-sided (int8 codes
+  ``clamp(round(x / input_scale) + input_zero_point, -128, 127)``, see :class:`~quanto_backend.Calibration`).
 * ``output_quantized``: 0-dim bool, with static activations: whether the output is quantized (cleared by
   :meth:`QModuleMixin.disable_output_quantization`, e.g. by ``Calibration(streamline=True)``), so that a save
   and reload keeps the choice. Format 1 checkpoints said the same by leaving ``output_scale`` out: see
@@ -26,7 +28,7 @@ import torch
 from torch import nn
 
 from ..ops import aligned
-from ..qtypes import QType, as_qtype, quint8
+from ..qtypes import QType, as_qtype, qint8, quint8
 from ..tensor import (
     ACTIVATION_QTYPES,
     WEIGHT_QTYPES,
@@ -72,7 +74,7 @@ def initial_buffer(name: str, like: torch.Tensor, device: torch.device, module: 
 
 _QMODULE_CLASSES: dict[type[nn.Module], type[QModuleMixin]] = {}
 # The keywords of init_quantization that a quantized module's constructor passes on to it.
-_QCONFIG_OPTIONS = ("group_size", "quantize_output", "activation_scales", "input_smooth")
+_QCONFIG_OPTIONS = ("group_size", "quantize_output", "activation_scales", "input_smooth", "input_zero_point")
 
 
 def register_qmodule(module_cls: type[nn.Module]):
@@ -157,6 +159,7 @@ class QModuleMixin:
         device: torch.device | str | None = None,
         activation_scales: str = "static",
         input_smooth: bool = False,
+        input_zero_point: bool = False,
     ) -> None:
         self.weight_qtype = None if weights is None else as_qtype(weights, WEIGHT_QTYPES, "weights")
         self.activation_qtype = None if activations is None else as_qtype(activations, ACTIVATION_QTYPES, "activations")
@@ -189,6 +192,9 @@ class QModuleMixin:
             self._output_quantized = bool(quantize_output)  # the buffer's value, known without reading it
         if input_smooth:
             self.register_buffer("input_smooth", torch.ones(self.weight_shape[1], device=device))
+        if input_zero_point and self.activation_qtype != quint8:  # quint8 always has one
+            self._check_input_zero_point()
+            self.register_buffer("input_zero_point", torch.zeros((), dtype=torch.int32, device=device))
         self._calibrating = False
 
     @classmethod
@@ -387,6 +393,26 @@ class QModuleMixin:
         static = self.activation_qtype is not None and self.activation_scales == "static"
         self._awaiting_calibration = awaiting and static
 
+    def _check_input_zero_point(self) -> None:
+        if self.activation_qtype != qint8 or self.activation_scales != "static" or not type(self).quantizes_input:
+            raise ValueError(
+                f"An input zero-point needs static qint8 input activations, not {self.activation_qtype} "
+                f"({self.activation_scales}) on {type(self).__name__}"
+            )
+
+    def set_input_zero_point(self, zero_point: torch.Tensor | None) -> None:
+        """Give a static ``qint8`` input an int32 zero-point (asymmetric int8 codes), or remove it (``None``:
+        symmetric again). :class:`~quanto_backend.Calibration` does this where the input is mostly one-sided."""
+        self._check_input_zero_point()
+        if zero_point is None:
+            self._buffers.pop("input_zero_point", None)
+            return
+        zero_point = torch.as_tensor(zero_point).to(device=self.input_scale.device, dtype=torch.int32).reshape(())
+        if "input_zero_point" in self._buffers:
+            self.input_zero_point.copy_(zero_point)
+        else:
+            self.register_buffer("input_zero_point", zero_point.clone())
+
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.activation_qtype is None or not self.quantizes_input:
             return x
@@ -434,6 +460,8 @@ class QModuleMixin:
             "activation_scales": self.activation_scales,
             "input_smooth": "input_smooth" in self._buffers,
         }
+        if self.activation_qtype == qint8 and "input_zero_point" in self._buffers:
+            qconfig["input_zero_point"] = True  # written only when set: maps without it read as before
         if self.quantizes_input != type(self).quantizes_input:  # built with quantize_input=False
             qconfig["quantize_input"] = self.quantizes_input
         return qconfig

@@ -1,5 +1,6 @@
 """Quantized activations: symmetric int8/float8 with a per-tensor (0-dim) or per-token (``[..., 1]``) scale, and
-asymmetric uint8 (``quint8``) with a static scale and zero-point."""
+asymmetric 8-bit codes with a static scale and zero-point: uint8 (``quint8``), or int8 (``qint8`` with a zero-point,
+which calibration gives the inputs it finds mostly one-sided, such as GELU outputs)."""
 
 from __future__ import annotations
 
@@ -43,8 +44,8 @@ class QActivation(QTensor):
 
 
 class AffineQActivation(QActivation):
-    """An activation quantized asymmetrically to uint8: ``x ~= (qdata - zero_point) * scale`` with float32
-    ``scale`` and int32 ``zero_point`` (0-dim, or broadcastable per token)."""
+    """An activation quantized asymmetrically: ``x ~= (qdata - zero_point) * scale`` with uint8 (``quint8``) or
+    int8 (``qint8``) ``qdata``, float32 ``scale`` and int32 ``zero_point`` (0-dim, or broadcastable per token)."""
 
     _inner_names = ("qdata", "scale", "zero_point")
 
@@ -56,7 +57,13 @@ def _quantize(
     x: torch.Tensor, scale: torch.Tensor | None, qtype: QType, zero_point: torch.Tensor | None
 ) -> QActivation:
     if zero_point is not None:
-        qdata = ops.quantize_asymmetric(x, scale, zero_point)
+        if qtype is qint8:
+            # int8 codes clamp(round(x / scale) + zero_point, -128, 127) are the uint8 codes of zero_point + 128,
+            # shifted down by 128: flipping the top bit of each byte does that shift.
+            codes = ops.quantize_asymmetric(x, scale, zero_point + 128)
+            qdata = (codes ^ 128).view(torch.int8)
+        else:
+            qdata = ops.quantize_asymmetric(x, scale, zero_point)
         return AffineQActivation(qdata, scale.float(), zero_point, qtype.name, x.shape, x.dtype)
     if scale is None:
         qdata, scale = ops.quantize_per_token(x, qtype.dtype)
@@ -92,14 +99,17 @@ def quantize_activation(
         qtype: ``qint8``, ``qfloat8_e4m3fn`` or ``qfloat8_e5m2`` (symmetric), or ``quint8`` (asymmetric).
         scale: a static scale (0-dim, or broadcastable per token); ``None`` computes one scale per token
             (the last dimension reduced) on the fly (symmetric qtypes only).
-        zero_point: the int32 zero-point of ``quint8`` (required with it, refused with the others).
+        zero_point: the int32 zero-point of ``quint8`` (required with it), or of an asymmetric ``qint8`` (codes
+            ``clamp(round(x / scale) + zero_point, -128, 127)``; needs a static scale); refused with float8.
     """
     qtype = as_qtype(qtype, ACTIVATION_QTYPES, "activations")
     # Identity, not dataclass equality: qtypes are registry singletons, and dynamo folds `is` to a constant.
     if qtype is quint8 and (scale is None or zero_point is None):
         raise ValueError("quint8 activations need a static scale and zero_point (from an observer or Calibration)")
-    if qtype is not quint8 and zero_point is not None:
-        raise ValueError(f"{qtype} activations are symmetric and take no zero_point; quint8 takes one")
+    if qtype is not quint8 and zero_point is not None and (qtype is not qint8 or scale is None):
+        raise ValueError(
+            f"{qtype} activations take no zero_point here; quint8 takes one, and qint8 with a static scale"
+        )
     if isinstance(x, QActivation):
         x = x.dequantize()
     if torch.is_grad_enabled() and x.requires_grad:

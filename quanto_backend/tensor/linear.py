@@ -41,6 +41,11 @@ def qlinear(
             zero_point = x.zero_point if isinstance(x, AffineQActivation) else None
             if zero_point is None and weight_shift is None:
                 return ops.linear_a8w8(x.qdata, x.scale, weight, weight_scale, bias, x.dtype)
+            if weight_shift is None and x.qdata.dtype == torch.int8 and zero_point.ndim == 0 and x.scale.ndim == 0:
+                # int8 codes with a zero-point: x W^T = scale (q W^T) - scale zero_point (W 1), so the int8 x int8
+                # op runs on the codes as they are and the zero-point's term joins the bias.
+                bias = _zero_point_bias(x.scale, zero_point, weight, weight_scale, bias, x.dtype)
+                return ops.linear_a8w8(x.qdata, x.scale, weight, weight_scale, bias, x.dtype)
             return ops.linear_a8w8_asymmetric(
                 x.qdata, x.scale, zero_point, weight, weight_scale, weight_shift, bias, x.dtype
             )
@@ -50,6 +55,21 @@ def qlinear(
     if per_axis_shift:
         return ops.linear_w8_asymmetric(x, weight, weight_scale, weight_shift, bias)
     return ops.linear_affine(x, weight, weight_scale, weight_shift, bits, bias)
+
+
+def _zero_point_bias(
+    x_scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """``bias - x_scale * zero_point * (W 1)`` for an int8 ``weight`` ``[out, in]`` with ``weight_scale`` ``[out, 1]``:
+    the term an activation's zero-point adds to a linear layer (its row sums are exact in int32)."""
+    row_sums = weight.sum(dim=1, dtype=torch.int32).float() * weight_scale.float().reshape(-1)
+    correction = (x_scale.float() * zero_point.float()) * row_sums
+    return (-correction if bias is None else bias.float() - correction).to(dtype)
 
 
 def _dequantized(tree):
