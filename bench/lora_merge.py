@@ -187,16 +187,22 @@ def main(argv: list[str] | None = None) -> int:
     seeds, steps = ((0,), 3) if args.quick else ((0, 1, 2), args.steps)
     rows = {w: [measure(w, seed, steps, args.lr) for seed in seeds] for w in args.formats}
     summary = {
-        w: {k: round(statistics.mean(r[k] for r in rs), 5) for k in ("delta_over_W", "adapter_effect", *STRATEGIES,
-                                                                    "own_error")}  # fmt: skip
+        w: {
+            k: round(statistics.mean(r[k] for r in rs), 5)
+            for k in ("delta_over_W", "adapter_effect", *STRATEGIES, "own_error")
+        }  # fmt: skip
         for w, rs in rows.items()
     }
     report = {
         "benchmark": "lora_merge",
         "machine": machine_info(),
-        "setup": {"model": "random-init Llama, hidden 128, 2 layers", "adapters": f"r 8, alpha 16 on {TARGETS}",
-                  "training": f"{steps} AdamW steps, lr {args.lr}, batch 8 x 32, on the quantized base",
-                  "eval": "4 x 64 tokens of the task", "seeds": list(seeds)},  # fmt: skip
+        "setup": {
+            "model": "random-init Llama, hidden 128, 2 layers",
+            "adapters": f"r 8, alpha 16 on {TARGETS}",
+            "training": f"{steps} AdamW steps, lr {args.lr}, batch 8 x 32, on the quantized base",
+            "eval": "4 x 64 tokens of the task",
+            "seeds": list(seeds),
+        },  # fmt: skip
         "issue_targets": ISSUE_TARGETS,
         "mean": summary,
         "rows": rows,

@@ -139,7 +139,12 @@ class Calibration(TorchFunctionMode):
             scale = self.momentum * previous + (1 - self.momentum) * scale
         self._scales[key] = scale
         buffer.copy_(scale)
-        if name == "input_scale" and module.activation_qtype == qint8 and self.input_zero_points:
+        if (
+            name == "input_scale"
+            and module.activation_qtype == qint8
+            and self.input_zero_points
+            and type(module).quantizes_input  # a normalization keeps its input_scale unused
+        ):
             self._update_zero_point(module, key, x)
 
     def _update_zero_point(self, module: nn.Module, key: tuple[int, str], x: torch.Tensor) -> None:

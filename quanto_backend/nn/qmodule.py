@@ -335,6 +335,10 @@ class QModuleMixin:
             else:
                 self.freeze()
         self.upgrade_state_dict(state_dict, prefix, missing_ok=False)  # a format 1 state dict
+        zero_point = state_dict.get(prefix + "input_zero_point")
+        if zero_point is not None and "input_zero_point" not in self._buffers and self.activation_qtype == qint8:
+            # Calibration gave the saved module's int8 input a zero-point: the buffer it loads into.
+            self.set_input_zero_point(torch.zeros((), dtype=torch.int32, device=self.input_scale.device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.read_output_quantized()
         self.align_storage()  # with assign=True the module now holds the checkpoint's own tensors
