@@ -6,6 +6,7 @@ the reference (or a fast path taken where the kernel is wrong) fails the test.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gc
 
@@ -85,11 +86,12 @@ def slice_small_layers(monkeypatch) -> None:
     """The sliced ``_int_mm`` path for layers of any size (it is kept for large ones), where it holds."""
     bound = cpu._SLICED_BOUNDS.get(cpu.cpu_capability())
     if bound is not None:
-        monkeypatch.setitem(cpu._SLICED_BOUNDS, cpu.cpu_capability(), cpu.SlicedBound(0, bound.kernel_rows))
+        monkeypatch.setitem(cpu._SLICED_BOUNDS, cpu.cpu_capability(), dataclasses.replace(bound, min_weights=0))
 
 
-def takes_sliced(out_features: int, in_features: int, fast: bool) -> bool:
-    return not fast and cpu._sliced_bound(out_features, in_features) is not None
+def takes_sliced(out_features: int, in_features: int, fast: bool, rows: int, dtype: torch.dtype) -> bool:
+    bound = cpu._sliced_bound(out_features, in_features)
+    return not fast and bound is not None and bound.takes(rows, dtype)
 
 
 # ---- int8 weights ----------------------------------------------------------------------------------------------
@@ -106,7 +108,7 @@ def test_linear_w8(spy, monkeypatch, shape, m, dtype, sliced_everywhere):
     bias = torch.randn(out_features).to(dtype)
     out = ops.linear_w8(x, weight, scale, bias)
     fast = int8pack_takes(in_features) and m <= cpu.kernel_max_rows(out_features, in_features, 8, dtype)
-    sliced = takes_sliced(out_features, in_features, fast)
+    sliced = takes_sliced(out_features, in_features, fast, m, dtype)
     assert (spy.calls["_weight_int8pack_mm"], spy.calls["_int_mm"]) == (int(fast), int(sliced))
     check(out, reference.linear_w8(x, weight, scale, bias), fast, sliced)
 
@@ -118,21 +120,23 @@ def test_linear_w8_batched_input_and_float32_scale(spy, monkeypatch, dtype):
     x = torch.randn(2, 3, 512).to(dtype)
     out = ops.linear_w8(x, weight, scale, None)
     fast = int8pack_takes(512) and 6 <= cpu.kernel_max_rows(256, 512, 8, dtype)
-    sliced = takes_sliced(256, 512, fast)
+    sliced = takes_sliced(256, 512, fast, 6, dtype)
     assert (spy.calls["_weight_int8pack_mm"], spy.calls["_int_mm"]) == (int(fast), int(sliced))
     check(out, reference.linear_w8(x, weight, scale.to(dtype), None), fast, sliced)
 
 
-@pytest.mark.parametrize("m", [1, 4, 5, 32])
+@pytest.mark.parametrize("m", [1, 4, 5, 32, 300])
 def test_linear_w8_large_layer_dispatch(spy, m):
-    # A layer of four million weights: the packed kernel for a few rows, then the sliced _int_mm path where it holds.
+    # A layer of four million weights: the packed kernel for a few rows, then the sliced _int_mm path where it holds,
+    # then (bfloat16, hundreds of rows) the dequantizing path.
     weight, scale = int8_weight(2048, 2048, torch.bfloat16)
     x = torch.randn(m, 2048, dtype=torch.bfloat16)
     out = ops.linear_w8(x, weight, scale, None)
     fast = int8pack_takes(2048) and m <= cpu.kernel_max_rows(2048, 2048, 8, torch.bfloat16)
-    sliced = takes_sliced(2048, 2048, fast)
-    if cpu.cpu_capability() in cpu._SLICED_BOUNDS:
-        assert fast == (m <= cpu._SLICED_BOUNDS[cpu.cpu_capability()].kernel_rows) and sliced == (not fast)
+    sliced = takes_sliced(2048, 2048, fast, m, torch.bfloat16)
+    bound = cpu._SLICED_BOUNDS.get(cpu.cpu_capability())
+    if bound is not None:
+        assert fast == (m <= bound.kernel_rows) and sliced == (not fast and m <= bound.bfloat16_max_rows)
     assert (spy.calls["_weight_int8pack_mm"], spy.calls["_int_mm"]) == (int(fast), int(sliced))
     check(out, reference.linear_w8(x, weight, scale, None), fast, sliced)
 

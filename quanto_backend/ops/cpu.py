@@ -170,17 +170,28 @@ def a8w8_kernel_max_rows() -> int:
 class SlicedBound:
     """Where int8 weights times float activations take the sliced ``torch._int_mm`` path (:func:`_sliced_int_mm`):
     layers of at least ``min_weights`` weights (below, its fixed cost of a dozen small ops loses to the
-    dequantizing path), from ``kernel_rows + 1`` rows (up to there, ``_weight_int8pack_mm`` is faster)."""
+    dequantizing path), from ``kernel_rows + 1`` rows (up to there, ``_weight_int8pack_mm`` is faster), and for
+    bfloat16 activations up to ``bfloat16_max_rows`` rows (beyond, the bfloat16 matmul of the dequantizing path is
+    compute-bound and as fast as the int8 one, which the slices give twice the rows)."""
 
     min_weights: int
     kernel_rows: int
+    bfloat16_max_rows: int
+
+    def takes(self, rows: int, dtype: torch.dtype) -> bool:
+        """Whether ``rows`` rows the packed kernel does not take (beyond ``kernel_rows``, or outside its
+        contract) go to the sliced path."""
+        return dtype != torch.bfloat16 or rows <= self.bfloat16_max_rows
 
 
 # Fitted to bench/cpu_dispatch.py (sliced_ms against kernel_ms and dequantized_ms), where INT_MM holds. AVX512 (2
-# Sapphire Rapids cores): from 1024 x 4096 weights up, the sliced path beats the kernel from 8 rows (at 4 the
-# kernel wins) and the dequantizing path at every row count; at 1024 x 1024 the kernel wins up to 16 rows, and the
-# sliced path's fixed cost (about 0.2 ms) loses to the dequantizing one beyond.
-_SLICED_BOUNDS: dict[str, SlicedBound] = {"AVX512": SlicedBound(min_weights=1 << 22, kernel_rows=4)}
+# Sapphire Rapids cores, bench/results/cpu_dispatch-avx512.json): from 1024 x 4096 weights up, the sliced path
+# beats the kernel from 8 rows (at 4 the kernel wins), the float32 dequantizing path at every row count (4-5x) and
+# the bfloat16 one up to 256 rows (1.1-5x; at 512 rows it is 0.8-0.9x); at 1024 x 1024 the kernel wins up to 32
+# rows, and beyond, the sliced path's fixed cost (about 0.2 ms) makes it no faster than the dequantizing one.
+_SLICED_BOUNDS: dict[str, SlicedBound] = {
+    "AVX512": SlicedBound(min_weights=1 << 22, kernel_rows=4, bfloat16_max_rows=256)
+}
 
 
 def _sliced_bound(out_features: int, in_features: int) -> SlicedBound | None:
@@ -342,7 +353,8 @@ def _linear_w8(
             out = torch._weight_int8pack_mm(x2d, weight, _ones(out_features)) * scale.float()
         return _with_bias(out.to(x.dtype).view(*x.shape[:-1], out_features), bias)
     x2d = x.reshape(_rows(x), x.shape[-1])
-    out = _sliced_int_mm(x2d, weight, scale, bias) if _sliced_bound(*weight.shape) else None
+    sliced = _sliced_bound(*weight.shape)
+    out = _sliced_int_mm(x2d, weight, scale, bias) if sliced and sliced.takes(x2d.shape[0], x.dtype) else None
     if out is not None:
         return out.view(*x.shape[:-1], out_features)
     if x.dtype == torch.float16:
