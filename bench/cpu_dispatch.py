@@ -61,6 +61,19 @@ def _without_int_mm():
 
 
 @contextlib.contextmanager
+def _sliced_everywhere():
+    """``linear_w8`` beyond the kernel's rows takes the sliced ``_int_mm`` path at every layer size and row count."""
+    bounds = dict(cpu._SLICED_BOUNDS)
+    capability = cpu.cpu_capability()
+    cpu._SLICED_BOUNDS[capability] = cpu.SlicedBound(min_weights=0, kernel_rows=0, bfloat16_max_rows=sys.maxsize)
+    try:
+        yield
+    finally:
+        cpu._SLICED_BOUNDS.clear()
+        cpu._SLICED_BOUNDS.update(bounds)
+
+
+@contextlib.contextmanager
 def _kernel_rows(bound: int):
     """Every call with up to ``bound`` rows takes the packed kernel, the others the dequantizing path (int8 x int8:
     ``_weight_int8pack_mm`` up to ``bound`` rows, ``torch._int_mm`` beyond)."""
@@ -105,14 +118,15 @@ def run(shapes, rows_list, threads: int, dtypes) -> dict:
                 with torch.no_grad(), _kernel_rows(sys.maxsize):
                     kernel = _median_ms(fn)
                 with torch.no_grad(), _kernel_rows(0):
-                    other = _median_ms(fn)  # int8 weights: the sliced _int_mm path where INT_MM holds
-                    sliced = name == "int8" and cpu.INT_MM.holds()
-                    with _without_int_mm():
-                        dequantized = _median_ms(fn) if sliced else other
-                timings.append(
-                    {"rows": rows, "kernel_ms": kernel, "other_ms": other, "dequantized_ms": dequantized}
-                    | ({"sliced_ms": other} if sliced else {})
-                )
+                    other = _median_ms(fn)  # the path the dispatch takes beyond the kernel's rows
+                    timing = {"rows": rows, "kernel_ms": kernel, "other_ms": other, "dequantized_ms": other}
+                    if name == "int8" and cpu.INT_MM.holds():
+                        with _without_int_mm():
+                            timing["dequantized_ms"] = _median_ms(fn)
+                        with _sliced_everywhere():
+                            timing["sliced_ms"] = _median_ms(fn)
+                timings.append(timing)
+                dequantized = timing["dequantized_ms"]
                 print(
                     f"{in_features:>5}x{out_features:<6} {name} {str(dtype)[6:]:<8} rows={rows:<4} "
                     f"kernel {kernel:9.3f} ms  other path {other:9.3f} ms  dequantized {dequantized:9.3f} ms"
