@@ -187,8 +187,9 @@ class SlicedBound:
 # Fitted to bench/cpu_dispatch.py (sliced_ms against kernel_ms and dequantized_ms), where INT_MM holds. AVX512 (2
 # Sapphire Rapids cores, bench/results/cpu_dispatch-avx512.json): from 1024 x 4096 weights up, the sliced path
 # beats the kernel from 8 rows (at 4 the kernel wins), the float32 dequantizing path at every row count (4-5x) and
-# the bfloat16 one up to 256 rows (1.1-5x; at 512 rows it is 0.8-0.9x); at 1024 x 1024 the kernel wins up to 32
-# rows, and beyond, the sliced path's fixed cost (about 0.2 ms) makes it no faster than the dequantizing one.
+# the bfloat16 one up to 256 rows (1.1-5x; at 512 rows it is 0.8-1.2x). At 1024 x 1024 the kernel wins up to 32
+# rows; beyond, the sliced path (fixed cost about 0.2 ms) is 2x faster than the dequantizing one with float32
+# activations and up to 2x slower with bfloat16 ones: one size bound for both keeps such layers off it.
 _SLICED_BOUNDS: dict[str, SlicedBound] = {
     "AVX512": SlicedBound(min_weights=1 << 22, kernel_rows=4, bfloat16_max_rows=256)
 }
