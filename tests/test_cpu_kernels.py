@@ -362,3 +362,29 @@ def test_compiled_qlinear_uses_the_cached_int4_kernel(spy):
             assert torch.equal(compiled(x), eager)
     assert spy.calls["_weight_int4pack_mm_for_cpu"] == 3
     assert spy.calls["_convert_weight_to_int4pack_for_cpu"] == 1
+
+
+def test_weight_row_sums_are_cached_per_storage_and_follow_writes():
+    weight = torch.randint(-128, 128, (48, 1000), dtype=torch.int8)
+    calls = []
+    original = cpu.reference.weight_row_sums
+
+    def counting(w):
+        calls.append(w.shape)
+        return original(w)
+
+    cpu.clear_cache()
+    cpu.reference.weight_row_sums = counting
+    try:
+        first = ops.weight_row_sums(weight)
+        assert torch.equal(first, weight.sum(dim=1, dtype=torch.int32).float())
+        first.zero_()  # the caller owns its output: the cache is not touched
+        assert torch.equal(ops.weight_row_sums(weight), weight.sum(dim=1, dtype=torch.int32).float())
+        assert len(calls) == 1
+        with torch.no_grad():
+            weight[3, 7] = 127 if weight[3, 7] != 127 else -128  # an in-place write bumps the version
+        assert torch.equal(ops.weight_row_sums(weight), weight.sum(dim=1, dtype=torch.int32).float())
+        assert len(calls) == 2
+    finally:
+        cpu.reference.weight_row_sums = original
+        cpu.clear_cache()

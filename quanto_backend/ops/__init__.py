@@ -18,6 +18,7 @@ from .library import (
     quantize_per_token,
     quantize_symmetric,
     unpack,
+    weight_row_sums,
 )
 
 __all__ = [
@@ -37,4 +38,5 @@ __all__ = [
     "quantize_symmetric",
     "unpack",
     "warmup",
+    "weight_row_sums",
 ]

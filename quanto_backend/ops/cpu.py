@@ -427,9 +427,25 @@ def _same_sources(a: tuple, b: tuple) -> bool:
     return all(x is y if isinstance(x, torch.UntypedStorage) else x == y for x, y in zip(a, b, strict=True))
 
 
+# Row sums of int8 weights (linear layers with a zero-point on their int8 input), cached like the 4-bit conversions.
+_ROW_SUMS_CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
 def clear_cache() -> None:
-    """Drop every cached 4-bit weight conversion (each is rebuilt at its next use)."""
+    """Drop every cached 4-bit weight conversion and row sum (each is rebuilt at its next use)."""
     _INT4_CACHE.clear()
+    _ROW_SUMS_CACHE.clear()
+
+
+@torch.library.register_kernel(library.weight_row_sums, "cpu")
+def _weight_row_sums(weight: torch.Tensor) -> torch.Tensor:
+    # A pass over the whole weight, as long as the matmul itself at one row: computed once per weight storage.
+    storage, layout = weight.untyped_storage(), _layout(weight)
+    entry = _ROW_SUMS_CACHE.get(storage)
+    if entry is None or entry[0] != layout:
+        entry = (layout, reference.weight_row_sums(weight))
+        _ROW_SUMS_CACHE[storage] = entry
+    return entry[1].clone()  # a fresh output, as an op's must be (the caller, or inductor, may write into it)
 
 
 def _int4_weight(weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, bits: int) -> _Int4Weight:

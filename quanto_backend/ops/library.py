@@ -147,6 +147,18 @@ def _(x, weight, weight_scale, weight_shift, bits, bias):
 
 
 @_define
+def weight_row_sums(weight: torch.Tensor) -> torch.Tensor:
+    """The sums of an int8 weight's rows (``[out, in]`` -> float32 ``[out]``): the term an int8 input's zero-point
+    adds to a linear layer. The CPU kernel caches them per weight storage."""
+    return reference.weight_row_sums(weight)
+
+
+@torch.library.register_fake(weight_row_sums)
+def _(weight):
+    return weight.new_empty(weight.shape[:1], dtype=torch.float32)
+
+
+@_define
 def linear_a8w8(
     x_q: torch.Tensor,
     x_scale: torch.Tensor,

@@ -104,6 +104,11 @@ def linear_affine(x, weight, weight_scale, weight_shift, bits: int, bias):
     return F.linear(x, w.to(x.dtype), bias)
 
 
+def weight_row_sums(weight: torch.Tensor) -> torch.Tensor:
+    """``weight.sum(1)`` of int8 codes ``[out, in]`` as float32 ``[out]``, summed exactly in int32."""
+    return weight.sum(dim=1, dtype=torch.int32).float()
+
+
 def linear_a8w8(x_q, x_scale, weight, weight_scale, bias, out_dtype: torch.dtype):
     # float64 holds int8 x int8 sums exactly for any realistic in_features; float8 products fit float32.
     acc_dtype = torch.float32 if weight.dtype.is_floating_point else torch.float64

@@ -67,7 +67,7 @@ def _zero_point_bias(
 ) -> torch.Tensor:
     """``bias - x_scale * zero_point * (W 1)`` for an int8 ``weight`` ``[out, in]`` with ``weight_scale`` ``[out, 1]``:
     the term an activation's zero-point adds to a linear layer (its row sums are exact in int32)."""
-    row_sums = weight.sum(dim=1, dtype=torch.int32).float() * weight_scale.float().reshape(-1)
+    row_sums = ops.weight_row_sums(weight) * weight_scale.float().reshape(-1)
     correction = (x_scale.float() * zero_point.float()) * row_sums
     return (-correction if bias is None else bias.float() - correction).to(dtype)
 
