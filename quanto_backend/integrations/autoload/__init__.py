@@ -60,6 +60,7 @@ class _Loader(importlib.abc.Loader):
         self._loader.exec_module(module)
         if "quanto_backend" not in sys.modules:
             _import_quanto_backend(module.__name__)
+        sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _Finder)]  # its work is done
 
 
 class _Finder(importlib.abc.MetaPathFinder):
