@@ -124,11 +124,15 @@ def time_interleaved(configs: dict[str, Forward], rounds: int, warmup: int = 2) 
     return times
 
 
-def _float_of(config: str, dtypes: dict[str, str]) -> str:
+# The activation dtypes of the configurations' names ("int8 QLinear (bf16 act)"), and the float layers of each.
+_ACT_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def _float_of(config: str) -> str:
     """The float dtype a configuration is compared with: its activations' ("int8 QLinear (bf16 act)": bfloat16)."""
     if config.endswith("F.linear"):
         return config.removesuffix(" F.linear")
-    return next((full for short, full in dtypes.items() if f"({short} act" in config), "bfloat16")
+    return next((full for short, full in _ACT_DTYPES.items() if f"({short} act" in config), "bfloat16")
 
 
 def run(in_features: int, out_features: int, ms: list[int], rounds: int, threads: int, optional: bool) -> dict:
@@ -138,10 +142,8 @@ def run(in_features: int, out_features: int, ms: list[int], rounds: int, threads
     for m in ms:
         configs = build_configs(in_features, out_features, m, optional)
         times = time_interleaved(configs, rounds)
-        base32 = statistics.median(times["float32 F.linear"])
-        base16 = statistics.median(times["bfloat16 F.linear"])
-        # Each layer against the float layer of its activation dtype (what the targets compare).
-        same_dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+        floats = {dtype: statistics.median(times[f"{dtype} F.linear"]) for dtype in _ACT_DTYPES.values()}
+        base32, base16 = floats["float32"], floats["bfloat16"]
         for name, ts in times.items():
             q1, med, q3 = statistics.quantiles(ts, n=4) if len(ts) > 1 else (ts[0],) * 3
             med = statistics.median(ts)
@@ -155,7 +157,8 @@ def run(in_features: int, out_features: int, ms: list[int], rounds: int, threads
                     "min_ms": min(ts) * 1e3,
                     "speedup_vs_float32": base32 / med,
                     "speedup_vs_bfloat16": base16 / med,
-                    "speedup_vs_same_dtype": statistics.median(times[f"{_float_of(name, same_dtype)} F.linear"]) / med,
+                    # against the float layer of its activation dtype (what the targets compare)
+                    "speedup_vs_same_dtype": floats[_float_of(name)] / med,
                 }
             )
             print(

@@ -85,7 +85,7 @@ def install() -> None:
     try:
         if os.environ.get("QUANTO_BACKEND_AUTOLOAD", "1") == "0" or "quanto_backend" in sys.modules:
             return
-        if not any(type(f).__name__ == "_Finder" and type(f).__module__ == __name__ for f in sys.meta_path):
+        if not any(isinstance(f, _Finder) for f in sys.meta_path):
             sys.meta_path.insert(0, _Finder())
     except Exception as e:  # noqa: BLE001
         warnings.warn(f"quanto_backend's import hook was not installed ({e})", RuntimeWarning, stacklevel=2)
