@@ -1,7 +1,8 @@
 """Where the CPU kernels stop paying: for each layer shape, activation dtype and number of rows, the time of the
 packed-kernel path and of the other paths of ``linear_w8`` (int8: the sliced ``torch._int_mm`` path where its
 contract holds, and the dequantizing path) and ``linear_affine`` (int4, group 128: the dequantizing path), and of
-``_weight_int8pack_mm`` against ``torch._int_mm`` for int8 x int8 (``linear_a8w8``).
+``_weight_int8pack_mm`` against the exact path for int8 x int8 (``linear_a8w8``: ``torch._int_mm`` where its
+contract holds, else float32 matmuls of the codes, with ``torch._int_mm`` timed alone as ``int_mm_ms``).
 
 The row bounds in ``quanto_backend/ops/cpu.py`` (``_ROW_BOUNDS`` and ``A8W8_INT8PACK_MAX_ROWS``, one entry per CPU
 capability) are fitted to the crossovers this measures; the JSON keeps, per shape, weight and dtype, the measured
@@ -120,6 +121,9 @@ def run(shapes, rows_list, threads: int, dtypes) -> dict:
                 with torch.no_grad(), _kernel_rows(0):
                     other = _median_ms(fn)  # the path the dispatch takes beyond the kernel's rows
                     timing = {"rows": rows, "kernel_ms": kernel, "other_ms": other, "dequantized_ms": other}
+                    if name == "w8a8" and not cpu.INT_MM.holds():  # what torch._int_mm would cost here
+                        x_q = ops.quantize_per_token(torch.randn(rows, in_features), torch.int8)[0]
+                        timing["int_mm_ms"] = _median_ms(lambda: torch._int_mm(x_q, q.qdata.t()))  # noqa: B023
                     if name == "int8" and cpu.INT_MM.holds():
                         with _without_int_mm():
                             timing["dequantized_ms"] = _median_ms(fn)
@@ -137,7 +141,7 @@ def run(shapes, rows_list, threads: int, dtypes) -> dict:
                     break
                 crossover = t["rows"]
             bound = (
-                min(cpu.a8w8_kernel_max_rows(), max(rows_list))
+                min(cpu.a8w8_kernel_max_rows(out_features, in_features), max(rows_list))
                 if name == "w8a8"
                 else cpu.kernel_max_rows(out_features, in_features, bits, dtype)
             )

@@ -143,6 +143,8 @@ def test_cpu_dispatch(tmp_path):
         assert all(t["kernel_ms"] > 0 and t["other_ms"] > 0 and t["dequantized_ms"] > 0 for t in r["timings"])
         sliced = r["weights"] == "int8" and cpu.INT_MM.holds()  # int8 weights beyond the kernel: torch._int_mm
         assert all(("sliced_ms" in t) == sliced for t in r["timings"])
+        int_mm_alone = r["weights"] == "w8a8" and not cpu.INT_MM.holds()  # timed where it is not trusted
+        assert all(("int_mm_ms" in t) == int_mm_alone for t in r["timings"])
 
 
 def test_kv_cache(tmp_path, monkeypatch):

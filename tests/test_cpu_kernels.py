@@ -215,14 +215,40 @@ def test_linear_a8w8(spy, shape, per_token, m, out_dtype):
         x_scale = x_scale.amax()
     bias = torch.randn(out_features).to(out_dtype)
     out = ops.linear_a8w8(x_q, x_scale, weight, w_scale, bias, out_dtype)
-    fast = int8pack_takes(in_features) and m <= cpu.a8w8_kernel_max_rows()
+    fast = int8pack_takes(in_features) and m <= cpu.a8w8_kernel_max_rows(out_features, in_features)
     int_mm = not fast and cpu.INT_MM.holds()
     assert spy.calls["_weight_int8pack_mm"] == int(fast) and spy.calls["_int_mm"] == int(int_mm)
     expected = reference.linear_a8w8(x_q, x_scale, weight, w_scale, bias, out_dtype)
     if fast:
         check(out, expected, fast)
     else:
-        assert torch.equal(out, expected)  # _int_mm: exact int32 sums, scaled in the reference's order
+        assert torch.equal(out, expected)  # _int_mm or float32 matmuls: exact sums, scaled in the reference's order
+
+
+@pytest.mark.parametrize("in_features", [1024, 1025, 4104])
+@pytest.mark.parametrize("precision", ["highest", "medium"])
+def test_linear_a8w8_without_int_mm_sums_exactly_in_float32(monkeypatch, spy, in_features, precision):
+    # Where torch._int_mm is not trusted (AVX2), rows beyond the int8pack kernel's take float32 matmuls of the
+    # codes: exact up to 1024 terms per sum, chunked beyond. Extreme codes make the largest sums there are; with
+    # float32 matmul precision lowered (oneDNN may then round to bfloat16), the float64 reference runs instead.
+    monkeypatch.setattr(cpu, "INT_MM", cpu.KernelContract(frozenset(), 1, 1, 1))
+    monkeypatch.setattr(cpu, "A8W8_INT8PACK_MAX_ROWS", {})
+    monkeypatch.setattr(cpu, "kernel_max_rows", lambda *_: 0)
+    sums, results = cpu._int8_sums, []
+    monkeypatch.setattr(cpu, "_int8_sums", lambda *a: results.append(sums(*a)) or results[-1])
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        weight = torch.randint(-128, 128, (33, in_features), dtype=torch.int8)
+        weight[:2] = torch.tensor([-128, 127], dtype=torch.int8)[:, None]
+        x_q = torch.full((5, in_features), -128, dtype=torch.int8)
+        x_q[1:] = torch.randint(-128, 128, (4, in_features), dtype=torch.int8)
+        args = (x_q, torch.rand(5, 1), weight, torch.rand(33, 1), torch.randn(33), torch.float32)
+        assert torch.equal(ops.linear_a8w8(*args), reference.linear_a8w8(*args))
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert spy.calls["_weight_int8pack_mm"] == spy.calls["_int_mm"] == 0
+    assert len(results) == 1 and (results[0] is None) == (precision != "highest")
 
 
 def test_linear_a8w8_float8_takes_the_reference(spy):
@@ -341,9 +367,13 @@ def test_frozen_qlinear_takes_the_fast_path_and_keeps_its_state(spy, config, ker
     with torch.no_grad():
         out = model(x)
         expected = torch.nn.functional.linear(x, model[0].qweight.dequantize().to(dtype), model[0].bias)
-    if kernel == "int8 x int8":  # 3 rows: past the int8pack kernel's rows where torch._int_mm is measured
-        kernel = "_int_mm" if cpu.INT_MM.holds() and 3 > cpu.a8w8_kernel_max_rows() else "_weight_int8pack_mm"
-    assert spy.calls[kernel] == 1
+    if kernel == "int8 x int8":  # beyond the int8pack kernel's rows: torch._int_mm, or float32 matmuls of the codes
+        int8pack = 3 <= cpu.a8w8_kernel_max_rows(128, 256)
+        kernel = "_weight_int8pack_mm" if int8pack else "_int_mm" if cpu.INT_MM.holds() else None
+    if kernel is None:
+        assert spy.calls["_weight_int8pack_mm"] == spy.calls["_int_mm"] == 0
+    else:
+        assert spy.calls[kernel] == 1
     # W8A8 also quantizes the activations, hence the looser bound.
     assert rel_err(out, expected) < (0.02 if "activations" in config else KERNEL_RTOL)
     after = model.state_dict()

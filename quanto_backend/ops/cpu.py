@@ -7,8 +7,8 @@ they are faster, a dequantizing path elsewhere, and :mod:`.reference` for what n
 * ``linear_affine`` (4-bit and 2-bit weights): ``torch._weight_int4pack_mm_for_cpu``, which needs its own packed
   layout and its own ``scale_and_zeros`` (``w = (q - 8) * scale + zero``, ``[n_groups, out, 2]``). The weight is
   converted at its first use and cached (see :func:`_int4_weight`); the module's state keeps the documented format.
-* ``linear_a8w8`` (int8 x int8): ``torch._int_mm`` where :data:`INT_MM` holds (exact int32 sums), and
-  ``_weight_int8pack_mm`` for the rows where it is faster, or where ``_int_mm`` is not measured.
+* ``linear_a8w8`` (int8 x int8): ``_weight_int8pack_mm`` for the rows where it is faster; beyond, exact sums:
+  ``torch._int_mm`` where :data:`INT_MM` holds, else float32 matmuls of the codes (:func:`_int8_sums`).
 
 Every private kernel runs only inside its :class:`KernelContract` (CPU capability, shapes, alignment), checked
 before the call. Numerics, chosen here once:
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import functools
 import math
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -131,10 +130,12 @@ class RowBound:
 # on the low side of several runs; keyed by (weight bits, activation dtype). A capability that is not here never
 # reaches a kernel (its contracts do not hold).
 _ROW_BOUNDS: dict[str, dict[tuple[int, torch.dtype], RowBound]] = {
-    # 2 Zen 3 cores (earlier sessions), measured against the reference, which the dequantizing path only beats:
-    # bfloat16 took the kernel at every row count there.
+    # 2 Zen 3 cores, bench/results/cpu_dispatch-avx2.json: float32 crossovers at 8-32 rows (384 x 384 to 1536 x
+    # 384), 32-64 (1024 x 1024 and up; at 128 rows the kernel is 1.3-1.6x slower) for int8, 64-128 for 4-bit; with
+    # bfloat16 activations (no native bfloat16 matmul on Zen 3) the kernels win at every measured row count, up to
+    # 512. int8 x int8 uses the int8 float32 bound (crossovers 32-64 against the exact float32 path).
     "AVX2": {
-        (8, torch.float32): RowBound(32, 128),
+        (8, torch.float32): RowBound(32, 64),
         (4, torch.float32): RowBound(16, 128),
         (8, torch.bfloat16): RowBound(1, 1 << 20),
         (4, torch.bfloat16): RowBound(1, 1 << 20),
@@ -152,8 +153,9 @@ _ROW_BOUNDS: dict[str, dict[tuple[int, torch.dtype], RowBound]] = {
 
 
 # torch._int_mm (oneDNN's int8 GEMM, VNNI/AMX where the CPU has them): exact int32 sums at every shape, row count and
-# storage offset bench/cpu_contracts.py probed on AVX512. Not measured on AVX2: int8 x int8 keeps the int8pack
-# kernel there.
+# storage offset bench/cpu_contracts.py probed, on AVX512 and AVX2 alike (408 cases each). Fast only on AVX512: on
+# AVX2 (Zen 3, no VNNI) it is a loop 6-15x slower than _weight_int8pack_mm and 5-15x slower than a float32 matmul
+# (bench/results/cpu_dispatch-avx2.json), so int8 x int8 takes the exact float32 path there (_int8_sums).
 INT_MM = KernelContract(frozenset({"AVX512"}), in_multiple=1, out_multiple=1, alignment=1)
 # int8 x int8: rows up to which _weight_int8pack_mm (bfloat16-rounded output) beats torch._int_mm (exact), where
 # INT_MM holds. Measured on AVX512 (bench/results/cpu_dispatch-avx512.json): int8pack 1.3x faster at 1 row,
@@ -161,9 +163,13 @@ INT_MM = KernelContract(frozenset({"AVX512"}), in_multiple=1, out_multiple=1, al
 A8W8_INT8PACK_MAX_ROWS: dict[str, int] = {"AVX512": 1}
 
 
-def a8w8_kernel_max_rows() -> int:
-    """Rows of int8 x int8 up to which ``_weight_int8pack_mm`` runs; beyond, ``torch._int_mm`` (where it holds)."""
-    return A8W8_INT8PACK_MAX_ROWS.get(cpu_capability(), 0) if INT_MM.holds() else sys.maxsize
+def a8w8_kernel_max_rows(out_features: int, in_features: int) -> int:
+    """Rows of int8 x int8 up to which ``_weight_int8pack_mm`` runs; beyond, ``torch._int_mm`` where
+    :data:`INT_MM` holds, else the exact float32 path (:func:`_int8_sums`), whose float32 matmul is the one the
+    dequantizing path of float32 activations runs: the same crossover as int8 weights' with float32 activations."""
+    if INT_MM.holds():
+        return A8W8_INT8PACK_MAX_ROWS.get(cpu_capability(), 0)
+    return kernel_max_rows(out_features, in_features, 8, torch.float32)
 
 
 @dataclass(frozen=True)
@@ -274,6 +280,30 @@ def _sliced_int_mm(
     return torch.addcmul(bias, out, scale.float(), out=result)
 
 
+# int8 x int8 products are at most 128 * 127 in magnitude, so every partial sum of up to 1024 of them is an integer
+# below 2**24: float32 holds it exactly, in whatever order a matmul adds. Longer rows are summed chunk by chunk, in
+# float64 (exact far beyond any real in_features).
+_EXACT_FLOAT32_TERMS = 1024
+
+
+def _int8_sums(x2d: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    """``x2d @ weight.T`` of int8 codes as float32, each exact sum rounded once to float32 (what the float64
+    reference gives, bit for bit), through float32 matmuls of blocks of the weight; ``None`` where float32 matmuls
+    may round their inputs (``torch.set_float32_matmul_precision`` below "highest" lets oneDNN use bfloat16)."""
+    if torch.get_float32_matmul_precision() != "highest":
+        return None
+    xf, in_features, out_features = x2d.float(), x2d.shape[1], weight.shape[0]
+    total = None
+    for k in range(0, in_features, _EXACT_FLOAT32_TERMS):
+        chunk = slice(k, k + _EXACT_FLOAT32_TERMS)
+        fill = lambda a, b, buf, chunk=chunk: buf.copy_(weight[a:b, chunk])  # noqa: E731
+        sums = _blockwise_linear(xf[:, chunk], out_features, fill, None)
+        if in_features <= _EXACT_FLOAT32_TERMS:
+            return sums
+        total = sums.double() if total is None else total.add_(sums)
+    return total.float()
+
+
 def _rows(x: torch.Tensor) -> int:
     return x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
 
@@ -382,7 +412,7 @@ def _linear_a8w8(
     if x_q.dtype != torch.int8 or not _int8_weight(x_q, weight, weight_scale) or rows == 0:
         return reference.linear_a8w8(x_q, x_scale, weight, weight_scale, bias, out_dtype)
     x2d = x_q.reshape(rows, x_q.shape[-1])
-    if INT8PACK.admits_weight(weight) and rows <= a8w8_kernel_max_rows():
+    if INT8PACK.admits_weight(weight) and rows <= a8w8_kernel_max_rows(*weight.shape):
         # |codes| <= 128: exact in bfloat16 (a fresh tensor, so contiguous and aligned); the kernel sums in float32
         # and rounds its output to bfloat16.
         x2d = x2d.to(torch.bfloat16, memory_format=torch.contiguous_format)
@@ -390,7 +420,9 @@ def _linear_a8w8(
     elif INT_MM.holds():
         acc = torch._int_mm(x2d, weight.t()).float()  # exact: what the float64 reference computes
     else:
-        return reference.linear_a8w8(x_q, x_scale, weight, weight_scale, bias, out_dtype)
+        acc = _int8_sums(x2d, weight)
+        if acc is None:
+            return reference.linear_a8w8(x_q, x_scale, weight, weight_scale, bias, out_dtype)
     out = acc.view(*x_q.shape[:-1], weight.shape[0]) * x_scale.float() * weight_scale.float().reshape(-1)
     return _with_bias(out.to(out_dtype), bias)
 
