@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from quanto_backend import (
+    AbsmaxOptimizer,
     GroupedQWeight,
     HqqOptimizer,
     MinMaxOptimizer,
@@ -68,12 +69,26 @@ def test_bad_group_size(group_size):
         quantize_weight(torch.randn(4, 64), qint4, group_size=group_size)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("position", [(0, 0), (1, 3), (3, 63)])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_non_finite_weights_are_rejected(bad):
-    w = torch.randn(4, 64)
-    w[1, 3] = bad
-    with pytest.raises(ValueError, match="NaN or Inf"):
-        quantize_weight(w, qint8)
+def test_non_finite_weights_are_rejected(bad, position, dtype):
+    w = torch.randn(4, 64, dtype=dtype)
+    w[position] = bad
+    for qtype in (qint8, qint4):
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            quantize_weight(w, qtype)
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            quantize_weight(w.t().contiguous().t(), qtype)  # a non-contiguous view
+
+
+def test_absmax_scales_are_the_largest_magnitudes():
+    w = torch.randn(6, 5, 3)
+    w[2, 1, 1], w[4, 0, 2] = -9.0, 7.0  # a negative and a positive extreme
+    for axis, dims in ((0, (1, 2)), (1, (0, 2)), (-1, (0, 1)), (None, (0, 1, 2))):
+        scale = AbsmaxOptimizer().optimize(w, qint8, axis)
+        expected = w.abs().amax(dim=dims, keepdim=axis is not None) / 127
+        torch.testing.assert_close(scale, expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("qtype", [qint8, qfloat8, qint4, qint2])

@@ -49,12 +49,12 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def quantize_symmetric(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    scaled = x.float() / scale.float()
+    scaled = x.float() / scale.float()  # a fresh tensor, rounded and clamped in place (a weight-sized temporary less)
     if dtype.is_floating_point:
         info = torch.finfo(dtype)
-        return scaled.clamp(info.min, info.max).to(dtype)
+        return scaled.clamp_(info.min, info.max).to(dtype)
     if dtype == torch.int8:
-        return scaled.round().clamp(INT8_MIN, INT8_MAX).to(torch.int8)
+        return scaled.round_().clamp_(INT8_MIN, INT8_MAX).to(torch.int8)
     raise ValueError(f"quantize_symmetric: unsupported dtype {dtype}; accepted: int8, float8_e4m3fn, float8_e5m2")
 
 

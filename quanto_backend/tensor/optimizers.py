@@ -90,11 +90,16 @@ class AbsmaxOptimizer(SymmetricOptimizer):
 
     def optimize(self, base: torch.Tensor, qtype: QType, axis: int | None = None) -> torch.Tensor:
         w = base.float()
+        # max(-min, max) is the absmax, from one pass that makes no copy of the weight (abs() would).
         if axis is None:
-            absmax = w.abs().amax()
+            low, high = w.aminmax()
         else:
-            dims = [d for d in range(w.ndim) if d != axis % w.ndim]
-            absmax = w.abs().amax(dim=dims, keepdim=True)
+            axis %= w.ndim
+            low, high = torch.aminmax(w.movedim(axis, 0).reshape(w.shape[axis], -1), dim=1)
+            shape = [1] * w.ndim
+            shape[axis] = -1
+            low, high = low.view(shape), high.view(shape)
+        absmax = torch.maximum(-low, high)
         scale = absmax / qtype.qmax
         return torch.where(absmax > 0, scale, torch.ones_like(scale)).to(base.dtype)
 
