@@ -133,12 +133,16 @@ _ROW_BOUNDS: dict[str, dict[tuple[int, torch.dtype], RowBound]] = {
     # 2 Zen 3 cores, bench/results/cpu_dispatch-avx2.json: float32 crossovers at 8-32 rows (384 x 384 to 1536 x
     # 384), 32-64 (1024 x 1024 and up; at 128 rows the kernel is 1.3-1.6x slower) for int8, 64-128 for 4-bit; with
     # bfloat16 activations (no native bfloat16 matmul on Zen 3) the kernels win at every measured row count, up to
-    # 512. int8 x int8 uses the int8 float32 bound (crossovers 32-64 against the exact float32 path).
+    # 512. int8 x int8 uses the int8 float32 bound (crossovers 32-64 against the exact float32 path). float16
+    # (bench/results/cpu_dispatch-avx2-float16.json): the kernels are 2-4x faster than float16 F.linear at every
+    # measured shape and row count (no native float16 matmul either).
     "AVX2": {
         (8, torch.float32): RowBound(32, 64),
         (4, torch.float32): RowBound(16, 128),
         (8, torch.bfloat16): RowBound(1, 1 << 20),
         (4, torch.bfloat16): RowBound(1, 1 << 20),
+        (8, torch.float16): RowBound(1, 1 << 20),
+        (4, torch.float16): RowBound(1, 1 << 20),
     },
     # 2 Sapphire Rapids cores (AVX-512, AMX), bench/results/cpu_dispatch-avx512.json and a quiet re-run of its two
     # largest shapes: float32 crossovers from 32-64 rows (384 x 384) to 64-128 (1024 x 1024 and up); bfloat16 ones
@@ -212,8 +216,10 @@ def kernel_max_rows(out_features: int, in_features: int, bits: int, dtype: torch
     """Rows of ``dtype`` activations up to which the packed kernel for a ``bits``-wide weight (8, or 4 for the 2-
     and 4-bit formats) beats the path taken beyond (the sliced ``_int_mm`` one or the dequantizing one) on this
     CPU; 0 where no kernel is measured."""
-    table = _ROW_BOUNDS.get(cpu_capability(), {})
-    bound = table.get((8 if bits == 8 else 4, torch.float32 if dtype == torch.float16 else dtype))
+    table, width = _ROW_BOUNDS.get(cpu_capability(), {}), 8 if bits == 8 else 4
+    bound = table.get((width, dtype))
+    if bound is None and dtype == torch.float16:  # where float16 has no bound of its own, float32's
+        bound = table.get((width, torch.float32))
     if bound is None:
         return 0
     sliced = _sliced_bound(out_features, in_features) if bits == 8 else None
