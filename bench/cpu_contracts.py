@@ -1,17 +1,17 @@
 """Probe where PyTorch's private CPU kernels are correct on this machine, each case in a crash-contained process.
 
-For ``torch._weight_int8pack_mm``, ``torch._weight_int4pack_mm_for_cpu`` and ``torch._int_mm`` it runs a grid of
-shapes (K, N, M), activation dtypes and storage offsets (misaligned weight or activation storage, as safetensors
-gives), and classifies each case:
+For ``torch._weight_int8pack_mm``, ``torch._weight_int4pack_mm_for_cpu`` and ``torch._int_mm`` (activations first,
+and weight first: ``int_mm_weight_first``) it runs a grid of shapes (K, N, M), activation dtypes and storage offsets
+(misaligned weight or activation storage, as safetensors gives), and classifies each case:
 
 * ``ok``: within bfloat16 rounding of the float64 product (``_int_mm``: exactly equal);
 * ``wrong``: a silently wrong result (NaN, Inf or a large error);
 * ``error``: the op raised (it checks that input itself);
 * ``crash``: the process died (SIGSEGV).
 
-The contracts in ``quanto_backend/ops/cpu.py`` were read off this table; the JSON records the CPU capability.
+The contracts in ``quanto_backend/ops/cpu.py`` were read off this table; the JSON records the CPU kind.
 
-    python bench/cpu_contracts.py                       # bench/results/cpu_contracts-<capability>.json
+    python bench/cpu_contracts.py                       # bench/results/cpu_contracts-<kind>.json
     python bench/cpu_contracts.py --quick --output-dir /tmp/out
 """
 
@@ -48,9 +48,10 @@ def run_case(case: dict) -> str:
     """``ok`` or ``wrong`` for one case (a crash never returns)."""
     torch.manual_seed(0)
     op, m, k, n = case["op"], case["m"], case["k"], case["n"]
-    if op == "int_mm":  # exact int32 accumulation of int8 x int8: anything but equality is wrong
+    if op in ("int_mm", "int_mm_weight_first"):  # exact int32 sums of int8 x int8: anything but equality is wrong
         x, w = _int8(m * k, case["x_offset"]).view(m, k), _int8(n * k, case["w_offset"]).view(n, k)
-        out = torch._int_mm(x, w.t())
+        # x @ w.T as quanto_backend computes it: activations first, or the weight first (w @ x.T, transposed back)
+        out = torch._int_mm(x, w.t()) if op == "int_mm" else torch._int_mm(w, x.t()).t()
         exact = (x.double() @ w.double().t()).to(torch.int32)
         return "ok" if out.dtype == torch.int32 and torch.equal(out, exact) else "wrong"
     dtype = getattr(torch, case["dtype"])
@@ -115,11 +116,12 @@ def grid(quick: bool) -> list[dict]:
         cases.append(dict(op="int8pack", m=m, k=k, n=16, dtype="bfloat16", x_offset=0, w_offset=off))
         if off % 2 == 0:
             cases.append(dict(op="int8pack", m=m, k=k, n=16, dtype="bfloat16", x_offset=off, w_offset=0))
-    for k, n, m in itertools.product(ks, ns, ms):
-        cases.append(dict(op="int_mm", m=m, k=k, n=n, dtype="int8", x_offset=0, w_offset=0))
-    for k, m, off in itertools.product((64, 4096) if not quick else (64,), (1, 17), offsets):
-        cases.append(dict(op="int_mm", m=m, k=k, n=16, dtype="int8", x_offset=off, w_offset=0))
-        cases.append(dict(op="int_mm", m=m, k=k, n=16, dtype="int8", x_offset=0, w_offset=off))
+    for op in ("int_mm", "int_mm_weight_first"):
+        for k, n, m in itertools.product(ks, ns, ms):
+            cases.append(dict(op=op, m=m, k=k, n=n, dtype="int8", x_offset=0, w_offset=0))
+        for k, m, off in itertools.product((64, 4096) if not quick else (64,), (1, 17), offsets):
+            cases.append(dict(op=op, m=m, k=k, n=16, dtype="int8", x_offset=off, w_offset=0))
+            cases.append(dict(op=op, m=m, k=k, n=16, dtype="int8", x_offset=0, w_offset=off))
     for k, n, m, group, dtype in itertools.product(
         (256, 1024) if not quick else (256,),
         (16, 48) if not quick else (16,),
@@ -149,10 +151,10 @@ def main(argv: list[str] | None = None) -> int:
         "summary": {f"{op} {result}": n for (op, result), n in sorted(counts.items())},
         "cases": rows,
     }
-    path = args.output_dir / f"cpu_contracts-{machine['cpu_capability'].lower()}.json"
+    path = args.output_dir / f"cpu_contracts-{machine['cpu_kind'].lower()}.json"
     args.output_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"{machine['cpu_capability']}: {report['summary']} -> {path}")
+    print(f"{machine['cpu_kind']}: {report['summary']} -> {path}")
     for r in rows:
         if r["result"] != "ok":
             print(" ", r)

@@ -4,12 +4,12 @@ contract holds, and the dequantizing path) and ``linear_affine`` (int4, group 12
 ``_weight_int8pack_mm`` against the exact path for int8 x int8 (``linear_a8w8``: ``torch._int_mm`` where its
 contract holds, else float32 matmuls of the codes, with ``torch._int_mm`` timed alone as ``int_mm_ms``).
 
-The row bounds in ``quanto_backend/ops/cpu.py`` (``_ROW_BOUNDS`` and ``A8W8_INT8PACK_MAX_ROWS``, one entry per CPU
-capability) are fitted to the crossovers this measures; the JSON keeps, per shape, weight and dtype, the measured
-crossover (the largest row count up to which every kernel run was faster than the path taken beyond the bound)
-next to the bound in use, and the CPU capability it ran on.
+The row bounds in ``quanto_backend/ops/cpu.py`` (``_ROW_BOUNDS``, ``_SLICED_BOUNDS`` and ``A8W8_INT8PACK_MAX_ROWS``,
+one entry per CPU kind, ``cpu_kind()``) are fitted to the crossovers this measures; the JSON keeps, per shape,
+weight and dtype, the measured crossover (the largest row count up to which every kernel run was faster than the
+path taken beyond the bound) next to the bound in use, and the CPU kind it ran on.
 
-    python bench/cpu_dispatch.py                 # bench/results/cpu_dispatch-<capability>.json and .png
+    python bench/cpu_dispatch.py                 # bench/results/cpu_dispatch-<kind>.json and .png
     python bench/cpu_dispatch.py --quick --output-dir /tmp/out
 """
 
@@ -65,8 +65,7 @@ def _without_int_mm():
 def _sliced_everywhere():
     """``linear_w8`` beyond the kernel's rows takes the sliced ``_int_mm`` path at every layer size and row count."""
     bounds = dict(cpu._SLICED_BOUNDS)
-    capability = cpu.cpu_capability()
-    cpu._SLICED_BOUNDS[capability] = cpu.SlicedBound(min_weights=0, kernel_rows=0, bfloat16_max_rows=sys.maxsize)
+    cpu._SLICED_BOUNDS[cpu.cpu_kind()] = cpu.SlicedBound(min_weights=0, kernel_rows=0, bfloat16_max_rows=sys.maxsize)
     try:
         yield
     finally:
@@ -80,7 +79,7 @@ def _kernel_rows(bound: int):
     ``_weight_int8pack_mm`` up to ``bound`` rows, ``torch._int_mm`` beyond)."""
     rule, a8w8 = cpu.kernel_max_rows, dict(cpu.A8W8_INT8PACK_MAX_ROWS)
     cpu.kernel_max_rows = lambda *_: bound
-    cpu.A8W8_INT8PACK_MAX_ROWS[cpu.cpu_capability()] = bound
+    cpu.A8W8_INT8PACK_MAX_ROWS[cpu.cpu_kind()] = bound
     try:
         yield
     finally:
@@ -168,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     shapes, rows = (((384, 384), (384, 1536)), (1, 32, 256)) if args.quick else (SHAPES, ROWS)
     report = run(shapes, rows, args.threads, [getattr(torch, d) for d in args.dtypes])
-    name = f"cpu_dispatch-{report['machine']['cpu_capability'].lower()}.json"
+    name = f"cpu_dispatch-{report['machine']['cpu_kind'].lower()}.json"
     save_report(report, args.output_dir / name, __file__, argv)
     return 0
 

@@ -6,7 +6,7 @@ Every configuration is timed in the same run on the same weight and input, in in
 configuration per round, so a burst of load from another process hits all of them alike); the JSON keeps the
 median and the quartiles of each. Optional columns for optimum-quanto and torchao appear when they import.
 
-    python bench/cpu_linear.py                          # bench/results/cpu_linear-<capability>.json, .png
+    python bench/cpu_linear.py                          # bench/results/cpu_linear-<kind>.json, .png
     python bench/cpu_linear.py --quick --output-dir /tmp/out
 """
 
@@ -26,6 +26,7 @@ from plot import machine_info, save_report  # bench/plot.py, next to this script
 from torch import nn
 
 from quanto_backend import freeze, quantize
+from quanto_backend.ops.cpu import cpu_kind
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -190,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.in_features, args.out_features, args.m, args.rounds = 256, 512, [1, 4], 3
     report = run(args.in_features, args.out_features, args.m, args.rounds, args.threads, not args.no_optional)
-    name = f"cpu_linear-{torch.backends.cpu.get_cpu_capability().lower()}.json"
+    name = f"cpu_linear-{cpu_kind().lower()}.json"
     save_report(report, args.output_dir / name, __file__, argv)
     return 0
 

@@ -10,6 +10,7 @@ process allocated itself (``RssAnon``, without the page cache of the memory-mapp
 
     python bench/load.py                                   # 70M-parameter Llama (4 layers, hidden 1024)
     PYTHONPATH=/tmp/oq python bench/load.py                # with optimum-quanto installed there (--no-deps)
+    python bench/load.py --layers 16                       # 229M parameters
     python bench/load.py --quick --output /tmp/load.json
     git archive <commit> | tar -x -C /tmp/before && python bench/load.py --baseline /tmp/before
 """
@@ -216,7 +217,8 @@ def run(args: argparse.Namespace) -> dict:
     samples: dict[str, list[dict]] = {label[r]: [] for r in runs_of}
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = Path(tmp) / "model"
-        summary = build_checkpoint(checkpoint, QUICK_MODEL if args.quick else MODEL)
+        sizes = QUICK_MODEL if args.quick else dict(MODEL, num_hidden_layers=args.layers or MODEL["num_hidden_layers"])
+        summary = build_checkpoint(checkpoint, sizes)
         for round_ in range(args.repeats):
             for name, path in runs_of:
                 logits_path = Path(tmp) / f"{label[name, path]}.pt"
@@ -278,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds (medians are reported)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads")
     parser.add_argument("--quick", action="store_true", help="a tiny model")
+    parser.add_argument("--layers", type=int, default=None, help="decoder layers (default 4; 16 make 229M parameters)")
     parser.add_argument("--no-import", action="store_true", help="skip the import-time measurement")
     parser.add_argument(
         "--baseline", type=Path, default=None, help="a source tree of another quanto_backend version: its rows too"

@@ -22,6 +22,8 @@ from pathlib import Path
 import matplotlib
 import torch
 
+from quanto_backend.ops.cpu import cpu_kind
+
 matplotlib.use("Agg")  # files only: no display on benchmark machines
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -52,6 +54,7 @@ def machine_info() -> dict:
         "cpu": cpu,
         "cores": os.cpu_count(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_kind": cpu_kind(),  # what quanto_backend's CPU contracts and dispatch tables are keyed by
         "torch": torch.__version__,
         "loadavg_1m_5m_15m": load,
     }
@@ -158,8 +161,9 @@ def plot_cpu_dispatch(report: dict, path: Path) -> Path:
     ax.set_yscale("symlog", linthresh=1)
     ax.set_xlabel("sqrt(in_features * out_features)")
     ax.set_ylabel("rows")
-    capability = report.get("machine", {}).get("cpu_capability", "")
-    ax.set_title(f"CPU ({capability}): largest batch where the packed kernel beats the other path")
+    machine = report.get("machine", {})
+    kind = machine.get("cpu_kind", machine.get("cpu_capability", ""))
+    ax.set_title(f"CPU ({kind}): largest batch where the packed kernel beats the other path")
     ax.legend(fontsize=8)
     return _save(fig, path)
 

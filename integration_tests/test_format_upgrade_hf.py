@@ -14,6 +14,7 @@ from transformers import AutoModel
 from quanto_backend import Calibration, QLayerNorm, QuantoConfig
 from quanto_backend.integrations import FORMAT_VERSION
 from quanto_backend.nn import QModuleMixin
+from quanto_backend.ops import cpu
 
 BERT_V1 = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "format_v1" / "bert_w8a8"
 
@@ -109,7 +110,13 @@ def test_format_1_diffusers_checkpoint_loads_and_saves_as_format_2(tmp_path):
     assert flags(model) and not any(flags(model).values())
     with torch.no_grad():
         out = model(**inputs, return_dict=False)[0]
-    assert torch.equal(out, io["sample"])
+    # The fixture was written where one-row int8 x int8 products (the timestep embedding) go through
+    # _weight_int8pack_mm, which rounds its sums to bfloat16. Where they still do, the output is the same bit for bit;
+    # where they take exact sums (Zen 4), it is 4.1e-3 from it.
+    if cpu.INT8PACK.holds() and cpu.a8w8_kernel_max_rows(64, 64) >= 1:
+        assert torch.equal(out, io["sample"])
+    else:
+        assert ((out - io["sample"]).norm() / io["sample"].norm()).item() < 1e-2
     model.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["quantization_config"]["format_version"] == 2
     reloaded = PixArtTransformer2DModel.from_pretrained(tmp_path)

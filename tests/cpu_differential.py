@@ -89,7 +89,7 @@ def reference_only():
     """Every CPU kernel contract holds on no CPU: no op reaches a private PyTorch kernel."""
     saved = {name: getattr(cpu, name) for name in CONTRACTS}
     for name, contract in saved.items():
-        setattr(cpu, name, dataclasses.replace(contract, capabilities=frozenset()))
+        setattr(cpu, name, dataclasses.replace(contract, kinds=frozenset()))
     try:
         yield
     finally:

@@ -49,7 +49,7 @@ def read(path: Path) -> dict:
 
 def test_cpu_linear(tmp_path):
     run_script("cpu_linear.py", "--quick", "--no-optional", "--output-dir", tmp_path)
-    report = read(tmp_path / f"cpu_linear-{torch.backends.cpu.get_cpu_capability().lower()}.json")
+    report = read(tmp_path / f"cpu_linear-{cpu.cpu_kind().lower()}.json")
     configs = {r["config"] for r in report["rows"]}
     assert {"float32 F.linear", "int8 QLinear (fp32 act)", "int4 QLinear (bf16 act)"} <= configs
     assert {r["m"] for r in report["rows"]} == {1, 4}
@@ -116,11 +116,11 @@ def test_cpu_contracts(tmp_path):
     # In its own process: the probe forks one child per case, which needs a parent that has run no parallel region.
     script = BENCH / "cpu_contracts.py"
     subprocess.run([sys.executable, str(script), "--quick", "--output-dir", str(tmp_path)], check=True, timeout=300)
-    capability = torch.backends.cpu.get_cpu_capability()
-    report = json.loads((tmp_path / f"cpu_contracts-{capability.lower()}.json").read_text())
-    assert report["machine"]["cpu_capability"] == capability
+    report = json.loads((tmp_path / f"cpu_contracts-{cpu.cpu_kind().lower()}.json").read_text())
+    assert report["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert report["machine"]["cpu_kind"] == cpu.cpu_kind()
     results = {(r["op"], r["result"]) for r in report["cases"]}
-    assert {op for op, _ in results} == {"int8pack", "int4pack", "int_mm"}
+    assert {op for op, _ in results} == {"int8pack", "int4pack", "int_mm", "int_mm_weight_first"}
     assert {result for _, result in results} <= {"ok", "wrong", "error", "crash"}
     # Inside the contract of ops/cpu.py, every probed case is correct on this machine.
     inside = [
@@ -132,9 +132,8 @@ def test_cpu_contracts(tmp_path):
 
 def test_cpu_dispatch(tmp_path):
     run_script("cpu_dispatch.py", "--quick", "--output-dir", tmp_path)
-    capability = torch.backends.cpu.get_cpu_capability()
-    report = read(tmp_path / f"cpu_dispatch-{capability.lower()}.json")
-    assert report["machine"]["cpu_capability"] == capability
+    report = read(tmp_path / f"cpu_dispatch-{cpu.cpu_kind().lower()}.json")
+    assert report["machine"]["cpu_kind"] == cpu.cpu_kind()
     kinds = {(r["weights"], r["dtype"]) for r in report["results"]}
     assert kinds == {("int8", "float32"), ("int8", "bfloat16"), ("int4", "float32"), ("int4", "bfloat16"),
                      ("w8a8", "float32")}  # fmt: skip

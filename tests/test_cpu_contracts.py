@@ -99,8 +99,8 @@ def test_a_misaligned_weight_given_directly_is_not_trusted(monkeypatch):
     assert _close_to_reference(ops.linear_w8(x, weight, scale, None), reference.linear_w8(x, weight, scale, None))
 
 
-def test_an_unmeasured_cpu_capability_takes_the_reference(monkeypatch):
-    monkeypatch.setattr(cpu, "cpu_capability", lambda: "DEFAULT")
+def test_an_unmeasured_cpu_kind_takes_the_reference(monkeypatch):
+    monkeypatch.setattr(cpu, "cpu_kind", lambda: "DEFAULT")
     for name in ("_weight_int8pack_mm", "_weight_int4pack_mm_for_cpu", "_int_mm"):
         monkeypatch.setattr(torch, name, lambda *a, _n=name: pytest.fail(f"{_n} called on an unmeasured CPU"))
     model = nn.Sequential(nn.Linear(256, 64), nn.Linear(64, 64), nn.Linear(64, 32))

@@ -84,9 +84,9 @@ def int8_weight(out_features: int, in_features: int, dtype: torch.dtype) -> tupl
 
 def slice_small_layers(monkeypatch) -> None:
     """The sliced ``_int_mm`` path for layers of any size (it is kept for large ones), where it holds."""
-    bound = cpu._SLICED_BOUNDS.get(cpu.cpu_capability())
+    bound = cpu._SLICED_BOUNDS.get(cpu.cpu_kind())
     if bound is not None:
-        monkeypatch.setitem(cpu._SLICED_BOUNDS, cpu.cpu_capability(), dataclasses.replace(bound, min_weights=0))
+        monkeypatch.setitem(cpu._SLICED_BOUNDS, cpu.cpu_kind(), dataclasses.replace(bound, min_weights=0))
 
 
 def takes_sliced(out_features: int, in_features: int, fast: bool, rows: int, dtype: torch.dtype) -> bool:
@@ -134,7 +134,7 @@ def test_linear_w8_large_layer_dispatch(spy, m):
     out = ops.linear_w8(x, weight, scale, None)
     fast = int8pack_takes(2048) and m <= cpu.kernel_max_rows(2048, 2048, 8, torch.bfloat16)
     sliced = takes_sliced(2048, 2048, fast, m, torch.bfloat16)
-    bound = cpu._SLICED_BOUNDS.get(cpu.cpu_capability())
+    bound = cpu._SLICED_BOUNDS.get(cpu.cpu_kind())
     if bound is not None:
         assert fast == (m <= bound.kernel_rows) and sliced == (not fast and m <= bound.bfloat16_max_rows)
     assert (spy.calls["_weight_int8pack_mm"], spy.calls["_int_mm"]) == (int(fast), int(sliced))
@@ -181,18 +181,22 @@ def test_linear_w8_non_finite_activations_take_the_dequantizing_path(spy, monkey
     assert torch.allclose(out[finite], ref[finite], rtol=1e-4, atol=1e-4)
 
 
-def test_row_bound_grows_with_the_weight(monkeypatch):
-    # Against the dequantizing path (whose cost is per weight), a sentence-embedding batch (hundreds of rows)
-    # through a small layer leaves the kernel; a large layer keeps it for up to a hundred rows; decode (one row)
-    # always takes it. Against the sliced _int_mm path (whose cost is per weight and row), a few rows at any size.
+@pytest.mark.parametrize("kind", sorted(cpu._ROW_BOUNDS))
+def test_row_bound_grows_with_the_weight(monkeypatch, kind):
+    # Against the dequantizing path (whose cost is per weight), the kernel keeps at least as many rows for a large
+    # layer as for a small one, and always one row (decode); against the sliced _int_mm path (whose cost is
+    # per weight and row), a few rows at any size. Every CPU kind's table, on whichever machine runs this.
+    monkeypatch.setattr(cpu, "cpu_kind", lambda: kind)
+    sliced = cpu._SLICED_BOUNDS.get(kind)
     monkeypatch.setattr(cpu, "_SLICED_BOUNDS", {})
-    assert cpu.kernel_max_rows(384, 384, 8) < cpu.kernel_max_rows(4096, 4096, 8) <= 128
-    assert cpu.kernel_max_rows(384, 1536, 4) < cpu.kernel_max_rows(4096, 14336, 4) <= 128 < 240
-    assert cpu.kernel_max_rows(8, 8, 8) == cpu.kernel_max_rows(8, 8, 4) == 1
-    monkeypatch.undo()
-    for capability, bound in cpu._SLICED_BOUNDS.items():
-        monkeypatch.setattr(cpu, "cpu_capability", lambda capability=capability: capability)
-        assert cpu.kernel_max_rows(2048, 2048, 8) == cpu.kernel_max_rows(4096, 14336, 8) == bound.kernel_rows
+    for bits, dtype in cpu._ROW_BOUNDS[kind]:
+        rows = [cpu.kernel_max_rows(o, i, bits, dtype) for o, i in ((8, 8), (384, 384), (1536, 384), (4096, 14336))]
+        assert rows[0] >= 1 and rows == sorted(rows), (bits, dtype, rows)
+    if sliced is not None:
+        monkeypatch.setattr(cpu, "_SLICED_BOUNDS", {kind: sliced})
+        for dtype in (torch.float32, torch.bfloat16):
+            assert cpu.kernel_max_rows(2048, 2048, 8, dtype) == cpu.kernel_max_rows(4096, 14336, 8, dtype)
+            assert cpu.kernel_max_rows(4096, 14336, 8, dtype) <= sliced.kernel_rows
 
 
 def test_linear_w8_float8_weight_takes_the_reference(spy):
@@ -223,6 +227,22 @@ def test_linear_a8w8(spy, shape, per_token, m, out_dtype):
         check(out, expected, fast)
     else:
         assert torch.equal(out, expected)  # _int_mm or float32 matmuls: exact sums, scaled in the reference's order
+
+
+@pytest.mark.parametrize("weight_first", [False, True])
+@pytest.mark.parametrize("rows, k, n, offset", [(1, 40, 33, 0), (2, 264, 16, 1), (5, 1000, 7, 3), (33, 4104, 48, 8)])
+def test_int8_matmul_is_exact_in_either_operand_order(monkeypatch, weight_first, rows, k, n, offset):
+    # torch._int_mm takes the weight first where INT_MM_WEIGHT_FIRST holds (Zen 4), the activations first elsewhere;
+    # either way the result is the exact sums, contiguous, on odd shapes and misaligned storage (the op is exact on
+    # every CPU kind probed, so both orders run on whichever machine runs this).
+    kinds = frozenset({cpu.cpu_kind()} if weight_first else ())
+    monkeypatch.setattr(cpu, "INT_MM_WEIGHT_FIRST", dataclasses.replace(cpu.INT_MM_WEIGHT_FIRST, kinds=kinds))
+    codes = lambda n: torch.randint(-128, 128, (n + offset,), dtype=torch.int8)[offset:]  # noqa: E731
+    x, weight = codes(rows * k).view(rows, k), codes(n * k).view(n, k)
+    x[0], weight[0] = -128, -128  # the largest sum there is
+    out = cpu._int8_matmul(x, weight)
+    assert out.dtype == torch.float32 and out.shape == (rows, n) and out.is_contiguous()
+    assert torch.equal(out, (x.double() @ weight.double().t()).float())
 
 
 @pytest.mark.parametrize("in_features", [1024, 1025, 4104])
@@ -268,14 +288,15 @@ def affine_weight(out_features: int, in_features: int, group_size: int, bits: in
     return ops.pack(codes, bits), scale, shift
 
 
-def test_a_batch_through_a_small_layer_takes_the_dequantizing_path(spy):
+def test_a_batch_beyond_the_row_bound_takes_the_dequantizing_path(spy):
     w8, s8 = int8_weight(384, 1536, torch.float32)
     w4, s4, z4 = affine_weight(384, 1536, 128, 4, torch.float32)
-    for rows, kernel_calls in ((240, 0), (1, 1)):  # a sentence-embedding batch, then decode
-        x = torch.randn(rows, 1536)
-        ops.linear_w8(x, w8, s8, None)
-        ops.linear_affine(x, w4, s4, z4, 4, None)
-        assert spy.calls["_weight_int8pack_mm"] == spy.calls["_weight_int4pack_mm_for_cpu"] == kernel_calls
+    beyond8, beyond4 = (cpu.kernel_max_rows(384, 1536, bits) + 1 for bits in (8, 4))
+    for rows8, rows4, kernel_calls in ((beyond8, beyond4, 0), (1, 1, 1)):  # a batch, then decode
+        ops.linear_w8(torch.randn(rows8, 1536), w8, s8, None)
+        ops.linear_affine(torch.randn(rows4, 1536), w4, s4, z4, 4, None)
+        expected = kernel_calls if cpu.INT8PACK.holds() else 0
+        assert spy.calls["_weight_int8pack_mm"] == spy.calls["_weight_int4pack_mm_for_cpu"] == expected
 
 
 @pytest.mark.parametrize("bits", [4, 2])
