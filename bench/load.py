@@ -10,7 +10,7 @@ process allocated itself (``RssAnon``, without the page cache of the memory-mapp
 
     python bench/load.py                                   # 70M-parameter Llama (4 layers, hidden 1024)
     PYTHONPATH=/tmp/oq python bench/load.py                # with optimum-quanto installed there (--no-deps)
-    python bench/load.py --layers 16                       # 229M parameters
+    python bench/load.py --layers 16                       # 205M parameters
     python bench/load.py --quick --output /tmp/load.json
     git archive <commit> | tar -x -C /tmp/before && python bench/load.py --baseline /tmp/before
 """
@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds (medians are reported)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads")
     parser.add_argument("--quick", action="store_true", help="a tiny model")
-    parser.add_argument("--layers", type=int, default=None, help="decoder layers (default 4; 16 make 229M parameters)")
+    parser.add_argument("--layers", type=int, default=None, help="decoder layers (default 4; 16 make 205M parameters)")
     parser.add_argument("--no-import", action="store_true", help="skip the import-time measurement")
     parser.add_argument(
         "--baseline", type=Path, default=None, help="a source tree of another quanto_backend version: its rows too"
