@@ -99,6 +99,30 @@ def test_a_misaligned_weight_given_directly_is_not_trusted(monkeypatch):
     assert _close_to_reference(ops.linear_w8(x, weight, scale, None), reference.linear_w8(x, weight, scale, None))
 
 
+@pytest.mark.parametrize(
+    "capability, amx, kind",
+    [
+        ("AVX512", True, "AVX512_AMX"),
+        ("AVX512", False, "AVX512"),
+        ("AVX2", None, "AVX2"),
+        ("DEFAULT", False, "DEFAULT"),
+    ],
+)
+def test_cpu_kind_tells_amx_apart(monkeypatch, capability, amx, kind):
+    # Sapphire Rapids and Zen 4 both report "AVX512"; only AMX tiles tell their tables apart. A torch without the
+    # private probe (amx None) is taken as having no AMX.
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    if amx is None:
+        monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
+    else:
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    cpu.cpu_kind.cache_clear()
+    try:
+        assert cpu.cpu_kind() == kind
+    finally:
+        cpu.cpu_kind.cache_clear()
+
+
 def test_an_unmeasured_cpu_kind_takes_the_reference(monkeypatch):
     monkeypatch.setattr(cpu, "cpu_kind", lambda: "DEFAULT")
     for name in ("_weight_int8pack_mm", "_weight_int4pack_mm_for_cpu", "_int_mm"):
