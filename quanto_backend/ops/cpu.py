@@ -158,12 +158,16 @@ _ROW_BOUNDS: dict[str, dict[tuple[int, torch.dtype], RowBound]] = {
     # 1024 x 1024 in two runs of three) and 128-256 for 4-bit. The float32 bounds keep the divisors of the other
     # kinds and take Zen 4's caps: the kernels round float32 activations to bfloat16, and with one divisor a layer
     # of up to 2048 x 2048 (int8; 4-bit: up to the caps) takes the same path, and gives the same float32 result, at
-    # a given row count on every CPU.
+    # a given row count on every CPU. float16 (bench/results/cpu_dispatch-avx512-float16.json): float16 F.linear has
+    # no fast path here beyond one row (100 ms at 32 rows of 4096 x 14336, bfloat16 13 ms), and the kernels are 3-5x
+    # faster than the float16 dequantizing path at every measured shape and row count.
     "AVX512": {
         (8, torch.float32): RowBound(32, 256),
         (4, torch.float32): RowBound(16, 512),
         (8, torch.bfloat16): RowBound(1, 16),
         (4, torch.bfloat16): RowBound(1, 128),
+        (8, torch.float16): RowBound(1, 1 << 20),
+        (4, torch.float16): RowBound(1, 1 << 20),
     },
     # 2 Sapphire Rapids cores (AVX-512, AMX), bench/results/cpu_dispatch-avx512_amx.json and a quiet re-run of its
     # two largest shapes: float32 crossovers from 32-64 rows (384 x 384) to 64-128 (1024 x 1024 and up); bfloat16
