@@ -192,11 +192,13 @@ def test_row_bound_grows_with_the_weight(monkeypatch, kind):
     for bits, dtype in cpu._ROW_BOUNDS[kind]:
         rows = [cpu.kernel_max_rows(o, i, bits, dtype) for o, i in ((8, 8), (384, 384), (1536, 384), (4096, 14336))]
         assert rows[0] >= 1 and rows == sorted(rows), (bits, dtype, rows)
+        if dtype == torch.float32:  # a sentence-embedding batch through a small layer leaves the kernel sooner
+            assert rows[0] == 1 and rows[1] < rows[3], (bits, rows)
     if sliced is not None:
         monkeypatch.setattr(cpu, "_SLICED_BOUNDS", {kind: sliced})
         for dtype in (torch.float32, torch.bfloat16):
             assert cpu.kernel_max_rows(2048, 2048, 8, dtype) == cpu.kernel_max_rows(4096, 14336, 8, dtype)
-            assert cpu.kernel_max_rows(4096, 14336, 8, dtype) <= sliced.kernel_rows
+            assert cpu.kernel_max_rows(4096, 14336, 8, dtype) == sliced.kernel_rows
 
 
 def test_linear_w8_float8_weight_takes_the_reference(spy):

@@ -107,12 +107,16 @@ class KernelContract:
 # * AVX2: aligned 16-byte loads of 8 activations, unaligned weight loads; in_features % 8 != 0 crashes or returns
 #   garbage (measured on Zen 3 in earlier sessions).
 # One contract covers both, with a margin: multiples of 16, 64-byte alignment.
-INT8PACK = KernelContract(frozenset({"AVX2", "AVX512", "AVX512_AMX"}), 16, out_multiple=1, alignment=ALIGNMENT)
+INT8PACK = KernelContract(
+    frozenset({"AVX2", "AVX512", "AVX512_AMX"}), in_multiple=16, out_multiple=1, alignment=ALIGNMENT
+)
 # torch._weight_int4pack_mm_for_cpu with the weight converted by _convert_weight_to_int4pack_for_cpu (which needs
 # out_features % 16 == 0): unaligned loads only; measured correct at every activation offset on AVX-512 (Zen 4 and
 # Sapphire Rapids). The converted weight is ours (always aligned); the activations are held to the same alignment as
 # INT8PACK's.
-INT4PACK = KernelContract(frozenset({"AVX2", "AVX512", "AVX512_AMX"}), 1, out_multiple=16, alignment=ALIGNMENT)
+INT4PACK = KernelContract(
+    frozenset({"AVX2", "AVX512", "AVX512_AMX"}), in_multiple=1, out_multiple=16, alignment=ALIGNMENT
+)
 
 
 def aligned(t: torch.Tensor) -> torch.Tensor:
