@@ -30,6 +30,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer, get_layer_types_and_kwargs
 
 from . import ops
+from .ops.float8 import FLOAT8_VIA_HALF_FACTOR, float8_into
 from .qtypes import QType, qint2, qint4, quint8
 from .tensor import AffineOptimizer, HqqOptimizer, MinMaxOptimizer
 
@@ -68,22 +69,6 @@ def _check_layer_args(
             f"Per-channel quantization (axis -1) groups {q_group_size} tokens: residual_length ({residual_length}) "
             "must be at least q_group_size"
         )
-
-
-# float8 e4m3 -> float32 by torch's conversion is a scalar loop on CPU (about 4x slower than the rest of a
-# dequantization together); the same bits moved into a float16 are exact and convert on the vector units. e4m3's
-# sign, 4-bit exponent (bias 7) and 3-bit mantissa become float16's sign, the low 4 of its 5 exponent bits (bias 15)
-# and the top of its mantissa: every finite code, subnormals included, maps to its value times 2 ** -8.
-_FLOAT8_VIA_HALF_FACTOR = 256.0
-_FLOAT8_TO_HALF_BITS = -16512  # 0xBF80 as int16: the sign bit and the 7 bits of exponent and mantissa
-
-
-def _float8_into(codes: torch.Tensor, out: torch.Tensor) -> None:
-    """Write the float8 e4m3fn ``codes`` into ``out`` as values times ``2 ** -8`` (any float dtype)."""
-    bits = codes.view(torch.uint8).to(torch.int16)
-    # byte b -> (b << 7) with the sign moved from bit 14 to bit 15: shift left 8, arithmetic shift right 1, mask
-    bits.bitwise_left_shift_(8).bitwise_right_shift_(1).bitwise_and_(_FLOAT8_TO_HALF_BITS)
-    out.copy_(bits.view(torch.float16))
 
 
 class _QuantizedStates:
@@ -159,8 +144,8 @@ class _QuantizedStates:
         groups = rows.unflatten(-1, (-1, self.group_size))
         scale = self.scale.unsqueeze(-1)
         if self.qtype is None:
-            _float8_into(self.codes, rows)
-            groups.mul_(scale * _FLOAT8_VIA_HALF_FACTOR)
+            float8_into(self.codes, rows)
+            groups.mul_(scale * FLOAT8_VIA_HALF_FACTOR[_FLOAT8_DTYPE])
             return
         offset = self.offset.unsqueeze(-1)
         bits = self.qtype.bits

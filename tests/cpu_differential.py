@@ -3,7 +3,8 @@
 Run as ``python tests/cpu_differential.py GROUP`` by ``tests/test_cpu_differential.py``, one process per group, so
 that a crash (a SIGSEGV inside a private PyTorch kernel) fails the test and names the case: the process prints
 ``START <case>`` before each case and ``FAIL <case>: <why>`` or ``OK <case>`` after it, then one ``SUMMARY`` line
-with the number of cases and of calls into each PyTorch kernel (so that the fast paths are known to have run).
+with the number of cases and of calls into each PyTorch kernel and into the float8 conversion (so that the fast
+paths are known to have run).
 
 A case is a layer shape (in_features K, out_features N), a batch of M rows, an activation dtype, and a storage
 layout: the weight's storage offset (a view 1/2/4/8 bytes into a larger buffer, as ``safetensors`` gives), the
@@ -86,15 +87,17 @@ CONTRACTS = ("INT8PACK", "INT4PACK", "INT_MM")
 
 @contextlib.contextmanager
 def reference_only():
-    """Every CPU kernel contract holds on no CPU: no op reaches a private PyTorch kernel."""
-    saved = {name: getattr(cpu, name) for name in CONTRACTS}
-    for name, contract in saved.items():
-        setattr(cpu, name, dataclasses.replace(contract, kinds=frozenset()))
+    """Every CPU kernel contract holds on no CPU (no op reaches a private PyTorch kernel), and float8 weights take
+    the reference's conversion (torch's own) instead of the one through float16 bits."""
+    saved = {name: getattr(cpu, name) for name in (*CONTRACTS, "FLOAT8_VIA_HALF_FACTOR")}
+    for name in CONTRACTS:
+        setattr(cpu, name, dataclasses.replace(saved[name], kinds=frozenset()))
+    cpu.FLOAT8_VIA_HALF_FACTOR = {}
     try:
         yield
     finally:
-        for name, contract in saved.items():
-            setattr(cpu, name, contract)
+        for name, value in saved.items():
+            setattr(cpu, name, value)
 
 
 def _model(case: Case) -> nn.Sequential:
@@ -154,15 +157,15 @@ def main(group: str) -> None:
     torch.set_num_threads(1)
     # The sliced _int_mm path is kept for layers of a million weights and more; these small layers take it too.
     cpu._SLICED_BOUNDS = {cap: dataclasses.replace(b, min_weights=0) for cap, b in cpu._SLICED_BOUNDS.items()}
-    calls = dict.fromkeys(KERNELS, 0)
-    for name in KERNELS:
-        kernel = getattr(torch, name)
+    calls = dict.fromkeys((*KERNELS, "float8_into"), 0)
+    for owner, name in [(torch, name) for name in KERNELS] + [(cpu, "float8_into")]:
+        kernel = getattr(owner, name)
 
         def counting(*args, _name=name, _kernel=kernel, **kwargs):
             calls[_name] += 1
             return _kernel(*args, **kwargs)
 
-        setattr(torch, name, counting)
+        setattr(owner, name, counting)
     failed = 0
     all_cases = cases(group)
     for case in all_cases:

@@ -187,3 +187,15 @@ def test_load(tmp_path):
     assert 0.5 < rows["int4"]["logits_cosine_vs_float32"] < 0.9999
     assert rows["int4"]["model_mb"] < rows["float32"]["model_mb"]
     assert all(r["load_s_median"] > 0 and r["float_layer_mb"] > 0 for r in rows.values())
+
+
+def test_cpu_blocks(tmp_path):
+    run_script("cpu_blocks.py", "--quick", "--output-dir", tmp_path)
+    report = json.loads((tmp_path / f"cpu_blocks-{cpu.cpu_kind().lower()}.json").read_text())
+    assert report["machine"]["cpu_kind"] == cpu.cpu_kind()
+    assert report["block_bytes_in_use"] == cpu._BLOCK_BYTES.get(cpu.cpu_kind(), cpu.DEFAULT_BLOCK_BYTES)
+    assert {(r["out_features"], r["rows"], r["dtype"]) for r in report["results"]} == {
+        (out, rows, dtype) for out in (384, 1536) for rows in (16, 64) for dtype in ("float32", "bfloat16")
+    }
+    assert all(set(r["block_ms"]) == set(report["geomean_over_best"]) for r in report["results"])
+    assert min(report["geomean_over_best"].values()) >= 1.0

@@ -16,6 +16,7 @@ from torch import nn
 
 from quanto_backend import freeze, ops, quantize
 from quanto_backend.ops import cpu, reference
+from quanto_backend.ops.float8 import FLOAT8_VIA_HALF_FACTOR, float8_into
 
 M_VALUES = (1, 2, 7, 32, 333)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -201,11 +202,49 @@ def test_row_bound_grows_with_the_weight(monkeypatch, kind):
             assert cpu.kernel_max_rows(4096, 14336, 8, dtype) == sliced.kernel_rows
 
 
-def test_linear_w8_float8_weight_takes_the_reference(spy):
-    weight = torch.randn(16, 32).to(torch.float8_e4m3fn)
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_float8_into_is_exact_on_every_code(dtype):
+    codes = torch.arange(256, dtype=torch.uint8).view(dtype)
+    expected = codes.float() / FLOAT8_VIA_HALF_FACTOR[dtype]  # torch's own (scalar) conversion
+    for out_dtype in DTYPES:
+        out = float8_into(codes, torch.empty(256, dtype=out_dtype)).float()
+        assert torch.equal(out.isnan(), expected.isnan()) and int(expected.isnan().sum()) > 0
+        assert torch.equal(out.nan_to_num(), expected.nan_to_num())  # infinities (e5m2) included
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("weight_dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize("shape", [(7, 40), (33, 1000), (48, 4104)])
+def test_linear_w8_float8_weights(monkeypatch, spy, shape, weight_dtype, dtype):
+    out_features, in_features = shape
+    w = torch.randn(out_features, in_features)
+    scale = (w.abs().amax(1, keepdim=True) / torch.finfo(weight_dtype).max).to(dtype)
+    codes = (w / scale.float()).to(weight_dtype)
+    misaligned = torch.empty(codes.numel() + 3, dtype=torch.uint8)[3:].view(weight_dtype).view(codes.shape)
+    misaligned.copy_(codes)
+    bias = torch.randn(out_features).to(dtype)
+    for m in M_VALUES:
+        x = torch.randn(m, in_features).to(dtype)
+        ref = reference.linear_w8(x, codes, scale, bias)
+        with monkeypatch.context() as patched:  # the float8 path, not the reference (torch's scalar conversion)
+            patched.setattr(cpu.reference, "linear_w8", None)
+            for weight in (codes, misaligned):
+                check(ops.linear_w8(x, weight, scale, bias), ref, fast=False)
+    assert sum(spy.calls.values()) == 0
+
+
+def test_linear_w8_float8_nan_codes_stay_nan():
+    codes = torch.randn(16, 32).to(torch.float8_e4m3fn)
+    codes.view(torch.uint8)[3, 5] = 0x7F  # e4m3fn's NaN (a corrupt checkpoint)
+    out = ops.linear_w8(torch.randn(2, 32), codes, torch.rand(16, 1), None)
+    assert out[:, 3].isnan().all() and not out[:, torch.arange(16) != 3].isnan().any()
+
+
+def test_linear_w8_other_float8_weights_take_the_reference(spy):
+    weight = torch.randn(16, 32).to(torch.float8_e4m3fnuz)
     scale, x = torch.rand(16, 1), torch.randn(3, 32)
     assert torch.equal(ops.linear_w8(x, weight, scale, None), reference.linear_w8(x, weight, scale, None))
-    assert spy.calls["_weight_int8pack_mm"] == 0
+    assert sum(spy.calls.values()) == 0
 
 
 # ---- int8 x int8 -----------------------------------------------------------------------------------------------

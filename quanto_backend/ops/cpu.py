@@ -24,7 +24,9 @@ before the call. Numerics, chosen here once:
 * int8 x int8 through ``_weight_int8pack_mm``: the codes are exact in bfloat16 and the kernel accumulates in
   float32, so only its output is rounded to bfloat16 before the float32 scales are applied.
 
-Anything neither path takes (float8 weights, other dtypes, no rows, mismatched shapes) takes :mod:`.reference`.
+float8 weights (e4m3fn, e5m2) take the dequantizing path, their codes converted through float16 bits
+(:func:`float8_into`). Anything no path takes (other weight or activation dtypes, no rows, mismatched shapes) takes
+:mod:`.reference`.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import library, reference
+from .float8 import FLOAT8_VIA_HALF_FACTOR, float8_into
 
 __all__ = [
     "INT4PACK",
@@ -370,19 +373,27 @@ def _kernel_input(x: torch.Tensor, max_rows: int) -> torch.Tensor | None:
     return x.reshape(rows, x.shape[-1]).to(torch.bfloat16, memory_format=torch.contiguous_format)
 
 
-# The dequantizing path converts this many bytes of weights at a time (a few hundred output channels of a large
-# layer), into one reused buffer that stays in the L2 cache: the float weight never goes to memory and costs no
-# page faults, which a whole dequantized weight does at every call.
-_BLOCK_BYTES = 1 << 20
+# The dequantizing path converts a block of weights at a time (a few hundred output channels of a large layer), into
+# one reused buffer that stays in the CPU's caches: the float weight never goes to memory and costs no page faults,
+# which a whole dequantized weight does at every call. A block is never smaller than the activations: every block's
+# matmul reads all of them again. Bytes per block, fitted per CPU kind to bench/cpu_blocks.py
+# (bench/results/cpu_blocks-<kind>.json); a kind not measured takes DEFAULT_BLOCK_BYTES (1 MiB, half the L2 of a
+# Sapphire Rapids core). Zen 4 (1 MiB L2 per core): 4 MiB blocks are the fastest or within a few percent of it at
+# every measured shape and row count, 1 MiB ones up to 1.7x slower.
+DEFAULT_BLOCK_BYTES = 1 << 20
+_BLOCK_BYTES: dict[str, int] = {"AVX512": 1 << 22}
 
 
 def _blockwise_linear(x2d: torch.Tensor, out_features: int, dequantize_into, bias: torch.Tensor | None) -> torch.Tensor:
     """``F.linear(x2d, W, bias)`` in ``x2d``'s dtype, with ``W`` dequantized block by block of output channels by
     ``dequantize_into(start, stop, buffer)`` (which fills and returns ``buffer``, ``[stop - start, in]``)."""
     rows, in_features = x2d.shape
-    block = min(out_features, max(16, _BLOCK_BYTES // (in_features * x2d.dtype.itemsize)))
-    out = torch.empty(rows, out_features, dtype=x2d.dtype)
+    block_bytes = max(_BLOCK_BYTES.get(cpu_kind(), DEFAULT_BLOCK_BYTES), x2d.numel() * x2d.dtype.itemsize)
+    block = min(out_features, max(16, block_bytes // (in_features * x2d.dtype.itemsize)))
     buffer = torch.empty(block, in_features, dtype=x2d.dtype)
+    if block == out_features:
+        return F.linear(x2d, dequantize_into(0, out_features, buffer), None if bias is None else bias.to(x2d.dtype))
+    out = torch.empty(rows, out_features, dtype=x2d.dtype)
     for start in range(0, out_features, block):
         stop = min(start + block, out_features)
         block_bias = None if bias is None else bias[start:stop].to(x2d.dtype)
@@ -402,14 +413,18 @@ def _ones(n: int) -> torch.Tensor:
 
 
 def _with_bias(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return out if bias is None else out + bias.to(out.dtype)
+    """``out + bias``, in place (every caller's ``out`` is a fresh tensor of its own)."""
+    return out if bias is None else out.add_(bias.to(out.dtype))
 
 
 def _int8_weight(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> bool:
     """A 2-D int8 weight with one scale per output channel, and activations of its width."""
+    return weight.dtype == torch.int8 and _per_row_weight(x, weight, weight_scale)
+
+
+def _per_row_weight(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> bool:
     return (
-        weight.dtype == torch.int8
-        and weight.dim() == 2
+        weight.dim() == 2
         and x.dim() >= 1
         and x.shape[-1] == weight.shape[1]  # the kernel does not check: a shorter row would be read past its end
         and _per_row_scale(weight_scale, weight.shape[0])
@@ -420,10 +435,37 @@ def _int8_weight(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
 def _linear_w8(
     x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    if not _int8_weight(x, weight, weight_scale) or x.dtype not in _ACTIVATION_DTYPES or not _rows(x):
+    codes = weight.dtype == torch.int8 or weight.dtype in FLOAT8_VIA_HALF_FACTOR
+    if not codes or not _per_row_weight(x, weight, weight_scale) or x.dtype not in _ACTIVATION_DTYPES or not _rows(x):
         return reference.linear_w8(x, weight, weight_scale, bias)
     out_features = weight.shape[0]
     scale = weight_scale.reshape(-1)
+    if weight.dtype == torch.int8:
+        out = _linear_int8_kernels(x, weight, scale, bias)
+        if out is not None:
+            return out.view(*x.shape[:-1], out_features)
+        codes_into, factor = (lambda a, b, buf: buf.copy_(weight[a:b])), 1.0
+    else:
+        codes_into, factor = (lambda a, b, buf: float8_into(weight[a:b], buf)), FLOAT8_VIA_HALF_FACTOR[weight.dtype]
+    x2d = x.reshape(_rows(x), x.shape[-1])
+    column = scale.float().mul(factor).reshape(-1, 1)
+    if x.dtype == torch.float16:
+        # Sums of codes times activations can overflow float16: the weight is scaled first, as the reference does.
+        fill = lambda a, b, buf: codes_into(a, b, buf).mul_(column[a:b])  # noqa: E731
+        return _blockwise_linear(x2d, out_features, fill, bias).view(*x.shape[:-1], out_features)
+    # The codes are exact in float32 and bfloat16: the scale goes on the output, one multiply per output rather than
+    # per weight (an in-place bfloat16 x float32 multiply of the weight costs more than the matmul).
+    out = _blockwise_linear(x2d, out_features, codes_into, None)
+    out = out.mul_(column.view(-1)) if out.dtype == torch.float32 else out.float() * column.view(-1)
+    return _with_bias(out.to(x.dtype).view(*x.shape[:-1], out_features), bias)
+
+
+def _linear_int8_kernels(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor | None:
+    """``linear_w8`` of int8 weights through ``_weight_int8pack_mm`` or the sliced ``torch._int_mm`` path, as a
+    ``[rows, out]`` matrix; ``None`` where neither is taken (beyond their rows, outside their contracts)."""
+    out_features = weight.shape[0]
     max_rows = kernel_max_rows(*weight.shape, 8, x.dtype) if INT8PACK.admits_weight(weight) else 0
     x2d = _kernel_input(x, max_rows)
     if x2d is not None:
@@ -433,21 +475,10 @@ def _linear_w8(
             # A float32/float16 scale applied after the kernel (bfloat16 x float32 promotes to float32) is not
             # rounded to bfloat16.
             out = torch._weight_int8pack_mm(x2d, weight, _ones(out_features)) * scale.float()
-        return _with_bias(out.to(x.dtype).view(*x.shape[:-1], out_features), bias)
+        return _with_bias(out.to(x.dtype), bias)
     x2d = x.reshape(_rows(x), x.shape[-1])
     sliced = _sliced_bound(*weight.shape)
-    out = _sliced_int_mm(x2d, weight, scale, bias) if sliced and sliced.takes(x2d.shape[0], x.dtype) else None
-    if out is not None:
-        return out.view(*x.shape[:-1], out_features)
-    if x.dtype == torch.float16:
-        # Sums of codes times activations can overflow float16: the weight is scaled first, as the reference does.
-        column = scale.reshape(-1, 1)
-        fill = lambda a, b, buf: buf.copy_(weight[a:b]).mul_(column[a:b])  # noqa: E731
-        return _blockwise_linear(x2d, out_features, fill, bias).view(*x.shape[:-1], out_features)
-    # The codes are exact in float32 and bfloat16: the scale goes on the output, one multiply per output rather than
-    # per weight (an in-place bfloat16 x float32 multiply of the weight costs more than the matmul).
-    out = _blockwise_linear(x2d, out_features, lambda a, b, buf: buf.copy_(weight[a:b]), None).float() * scale.float()
-    return _with_bias(out.to(x.dtype).view(*x.shape[:-1], out_features), bias)
+    return _sliced_int_mm(x2d, weight, scale, bias) if sliced and sliced.takes(x2d.shape[0], x.dtype) else None
 
 
 @torch.library.register_kernel(library.linear_a8w8, "cpu")

@@ -1,0 +1,29 @@
+"""float8 codes converted exactly through float16 bits.
+
+torch's float8 -> float conversion is a scalar loop on CPU (about 1.9 ns a weight on Zen 4, against 0.06 for an
+int8 -> float32 one); the same bits moved into a float16 are exact and convert on the vector units. e5m2 is
+float16's top byte. e4m3fn's sign, 4-bit exponent (bias 7) and 3-bit mantissa become float16's sign, the low 4 of
+its 5 exponent bits (bias 15) and the top of its mantissa: every finite code, subnormals included, maps to its value
+times 2 ** -8; its NaN codes (exponent and mantissa all ones, 0x3F80 once moved) also get the top exponent bit, and
+stay NaN.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["FLOAT8_VIA_HALF_FACTOR", "float8_into"]
+
+FLOAT8_VIA_HALF_FACTOR: dict[torch.dtype, float] = {torch.float8_e4m3fn: 256.0, torch.float8_e5m2: 1.0}
+_E4M3_HALF_BITS = -16512  # 0xBF80 as int16: the sign bit and the 7 bits of exponent and mantissa
+
+
+def float8_into(codes: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Write float8 ``codes`` (e4m3fn or e5m2) into ``out`` (any float dtype, same shape) as their values divided
+    by ``FLOAT8_VIA_HALF_FACTOR[codes.dtype]``, exactly (NaN codes as NaN); returns ``out``."""
+    bits = codes.view(torch.uint8).to(torch.int16).bitwise_left_shift_(8)
+    if codes.dtype == torch.float8_e4m3fn:
+        # byte b -> (b << 7) with the sign moved from bit 14 to bit 15: shift left 8, arithmetic shift right 1, mask
+        bits.bitwise_right_shift_(1).bitwise_and_(_E4M3_HALF_BITS)
+        bits.bitwise_or_(bits.bitwise_and(0x3F80).add_(0x80).bitwise_and_(0x4000))  # NaN: 0x3F80 + 0x80 = 0x4000
+    return out.copy_(bits.view(torch.float16))
