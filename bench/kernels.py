@@ -30,7 +30,7 @@ from plot import machine_info, save_report  # bench/plot.py, next to this script
 from quanto_backend import ops
 
 LLAMA3_8B_SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096), (4096, 128256))
-M_VALUES = (1, 16, 128, 2048)
+M_VALUES = (1, 16, 32, 128, 2048)  # 32 and 128: one row of output tiles, split along K
 QUICK_GPU_SHAPES = ((4096, 4096),)
 QUICK_M_VALUES = (1, 16, 128)
 CPU_SHAPES = ((1024, 1024), (1024, 4096))

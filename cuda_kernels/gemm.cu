@@ -10,12 +10,18 @@
 // Tiles: 128 x 128 outputs per block of 256 threads (8 warps as 2 x 4, each 64 x 32 = 4 x 4 mma tiles), a k-tile
 // of 64 bytes per row (64 values of 8-bit, 32 of 16-bit operands), two shared-memory stages. The next k-tile is
 // loaded into registers while the current one is multiplied. Rows are padded to 80 bytes, which makes the fragment
-// loads of mma.cuh's layout free of bank conflicts. Launch: block 256, grid (ceil(N / 128), ceil(M / 128)),
+// loads of mma.cuh's layout free of bank conflicts. Launch: block 256, grid (ceil(N / 128), ceil(M / 128), splits),
 // 40 KiB static shared memory.
+//
+// Split-K: with fewer output tiles than SMs (M <= 128 gives N / 128 blocks: 32 of an H100's 132 SMs at N = 4096),
+// block z takes the k-tiles [z * split_k_tiles, (z + 1) * split_k_tiles) and writes its raw accumulators to
+// partial[z][M][N] (int32 for int8 x int8, float32 otherwise); qb_gemm_reduce then adds the splits in order of z
+// (deterministic; int32 sums stay exact) and applies the epilogue. Unsplit (grid z = 1, split_k_tiles >= the
+// k-tiles, partial null), the block writes the output itself.
 #include "mma.cuh"
 
 template <int AF, int WF>
-__global__ void __launch_bounds__(256) qb_gemm(QB_MATMUL_PARAMS) {
+__global__ void __launch_bounds__(256) qb_gemm(QB_MATMUL_PARAMS, Acc<AF>* __restrict__ partial, int split_k_tiles) {
     constexpr int BM = 128, BN = 128, KB = 64, LDS = 80;
     constexpr int AB = act_bytes<AF>();
     constexpr int KT = KB / AB;  // k values per k-tile
@@ -114,16 +120,18 @@ __global__ void __launch_bounds__(256) qb_gemm(QB_MATMUL_PARAMS) {
         }
     };
 
-    const int nk = (K + KT - 1) / KT;
-    load_tile(0);
+    // The host gives every split at least one k-tile.
+    const int nk = (K + KT - 1) / KT, kt_begin = blockIdx.z * split_k_tiles;
+    const int kt_end = kt_begin + split_k_tiles < nk ? kt_begin + split_k_tiles : nk;
+    load_tile(kt_begin);
     store_tile(0);
     __syncthreads();
-    for (int kt = 0; kt < nk; ++kt) {
-        const bool more = kt + 1 < nk;
+    for (int kt = kt_begin; kt < kt_end; ++kt) {
+        const bool more = kt + 1 < kt_end;
         if (more) load_tile(kt + 1);
-        compute_tile(kt & 1);
+        compute_tile((kt - kt_begin) & 1);
         // The other stage was last read in iteration kt - 1, which every thread finished before the barrier below.
-        if (more) store_tile((kt + 1) & 1);
+        if (more) store_tile((kt + 1 - kt_begin) & 1);
         __syncthreads();
     }
 
@@ -136,8 +144,27 @@ __global__ void __launch_bounds__(256) qb_gemm(QB_MATMUL_PARAMS) {
                 const int m = m0 + wm * 64 + mi * 16 + g + 8 * (r >> 1);
                 const int n = n0 + wn * 32 + nj * 8 + 2 * t + (r & 1);
                 if (m < M && n < N) {
-                    store_output<AF, WF>(c[mi][nj][r], m, n, N, x_scale, x_scale_stride, w_scale, scale_dt, bias,
-                                         bias_dt, out, out_dt);
+                    if (partial != nullptr) {
+                        partial[((long long)blockIdx.z * M + m) * N + n] = c[mi][nj][r];
+                    } else {
+                        store_output<AF, WF>(c[mi][nj][r], m, n, N, x_scale, x_scale_stride, w_scale, scale_dt, bias,
+                                             bias_dt, out, out_dt);
+                    }
                 }
             }
+}
+
+// The epilogue of a split-K qb_gemm: out[m, n] from the sum over z < splits of partial[z][m][n], one output per
+// thread. Launch: block 256, grid ceil(M * N / 256).
+template <int AF, int WF>
+__global__ void __launch_bounds__(256)
+    qb_gemm_reduce(const Acc<AF>* __restrict__ partial, int splits, int M, int N, const float* __restrict__ x_scale,
+                   int x_scale_stride, const void* __restrict__ w_scale, int scale_dt, const void* __restrict__ bias,
+                   int bias_dt, void* __restrict__ out, int out_dt) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x, count = (long long)M * N;
+    if (i >= count) return;
+    Acc<AF> acc = partial[i];
+    for (int z = 1; z < splits; ++z) acc += partial[z * count + i];
+    store_output<AF, WF>(acc, (int)(i / N), (int)(i % N), N, x_scale, x_scale_stride, w_scale, scale_dt, bias,
+                         bias_dt, out, out_dt);
 }

@@ -20,6 +20,8 @@ import torch
 from quanto_backend.kernels import driver as driver_module
 from quanto_backend.kernels import loader
 
+H100_SMS = 132  # SMs of the GPU the fakes stand for (GEMMs of fewer output tiles split along K)
+
 
 def primary(index: int) -> int:
     return 0xC000 + index
@@ -87,6 +89,9 @@ class FakeCUDA:
     def get_device_capability(self, device=None) -> tuple[int, int]:
         return self.capability
 
+    def get_device_properties(self, device=None):
+        return types.SimpleNamespace(multi_processor_count=H100_SMS, major=self.capability[0], minor=self.capability[1])
+
     def is_current_stream_capturing(self) -> bool:
         return self.capturing
 
@@ -138,7 +143,9 @@ class FakeCUDA:
 def install(monkeypatch, fake: FakeCUDA) -> FakeCUDA:
     """Puts ``fake`` in place of torch.cuda's device functions and of the driver; fake modules for every source
     (no compilation); empty loader caches."""
-    for name in ("device", "current_device", "current_stream", "get_device_capability", "is_current_stream_capturing"):
+    names = ("device", "current_device", "current_stream", "get_device_capability", "get_device_properties",
+             "is_current_stream_capturing")  # fmt: skip
+    for name in names:
         monkeypatch.setattr(torch.cuda, name, getattr(fake, name))
     monkeypatch.setattr(driver_module, "driver", fake)
     monkeypatch.setattr(loader, "_functions", {})
@@ -159,6 +166,16 @@ def install(monkeypatch, fake: FakeCUDA) -> FakeCUDA:
 def _entry_formats(entry_point: str) -> tuple[int, int]:
     act, weight = entry_point[entry_point.index("<") + 1 : -1].split(",")
     return int(act), int(weight)
+
+
+def gemm_launches(entry_point: str, m: int, k: int, n: int) -> list[str]:
+    """The launches of ops/cuda.py's GEMM ``entry_point`` (``qb_gemm<A, W>``) for an ``m x k`` by ``n x k`` matmul on
+    an H100: the GEMM, and its reduction where it splits along K."""
+    from quanto_backend.ops import cuda
+
+    act_bytes = 1 if _entry_formats(entry_point)[0] in (3, 5, 6) else 2
+    splits, _ = cuda.split_k(-(-n // 128) * -(-m // 128), -(-k * act_bytes // 64), H100_SMS)
+    return [entry_point] if splits == 1 else [entry_point, entry_point.replace("qb_gemm<", "qb_gemm_reduce<")]
 
 
 def emulate_launch(source: str, entry_point: str, grid, args: tuple, device) -> None:
@@ -192,6 +209,28 @@ def emulate_launch(source: str, entry_point: str, grid, args: tuple, device) -> 
     elif entry_point == "qb_dequantize_affine":
         packed, scale, _, shift, _, out, *_, bits = args
         out.copy_(reference.dequantize_affine(packed, scale, shift, bits))
+    elif entry_point.startswith("qb_gemm_reduce<"):
+        partial, splits, _, _, x_scale, x_scale_stride, w_scale, _, bias, _, out, _ = args
+        act, weight_format = _entry_formats(entry_point)
+        acc = partial[:splits].sum(0).float()
+        if act in (1, 2):  # weight-only: the row scale of 8-bit weights, once; 2/4-bit tiles were dequantized
+            scaled = acc if weight_format in (loader.U4_CODE, loader.U2_CODE) else acc * w_scale.float().reshape(1, -1)
+            out.copy_(scaled + (0 if bias is None else bias.float()))
+        else:
+            xs = x_scale.float().reshape(-1, 1) if x_scale_stride == 1 else x_scale.float().reshape(())
+            result = (acc * xs * w_scale.float().reshape(1, -1)).to(out.dtype)
+            out.copy_(result if bias is None else result + bias.to(out.dtype))
+    elif entry_point.startswith("qb_gemm<") and args[19] is not None:  # one split of a split-K GEMM: raw sums
+        x, w, w_scale, w_shift, *_ = args
+        k, partial, per_split = args[9], args[19], args[20]
+        act, weight_format = _entry_formats(entry_point)
+        if weight_format in (loader.U4_CODE, loader.U2_CODE):
+            bits = 4 if weight_format == loader.U4_CODE else 2
+            w = reference.dequantize_affine(w, w_scale, w_shift, bits)[:, :k].to(x.dtype)
+        step = per_split * 64 // x.element_size()  # k-tiles of 64 bytes of activations
+        for z in range(partial.shape[0]):
+            ks = slice(z * step, (z + 1) * step)
+            partial[z] = (x.float()[:, ks] @ w.float()[:, ks].t()).to(partial.dtype)
     elif entry_point.startswith(("qb_gemv<", "qb_gemm<")):
         x, w, w_scale, w_shift, x_scale, bias, out, m, n, k, _, n_groups, group_size, x_scale_stride = args[:14]
         act, weight_format = _entry_formats(entry_point)

@@ -11,7 +11,7 @@ import warnings
 
 import pytest
 import torch
-from fake_cuda import emulate_launch
+from fake_cuda import H100_SMS, emulate_launch, gemm_launches
 
 import quanto_backend.kernels as kernels
 import quanto_backend.ops.cuda as cuda_ops
@@ -32,6 +32,7 @@ def launches(monkeypatch) -> list[str]:
     monkeypatch.setattr(cuda_ops, "_launch", launch)
     monkeypatch.setattr(cuda_ops, "_kernels_ready", lambda *tensors: True)
     monkeypatch.setattr(cuda_ops, "_fp8_tensor_cores", lambda device: True)
+    monkeypatch.setattr(cuda_ops, "_multiprocessors", lambda device: H100_SMS)
     monkeypatch.setattr(cuda_ops, "_health", {})
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     monkeypatch.setattr(kernels, "load_modules", lambda device: dict.fromkeys(kernels.ENTRY_POINTS))
@@ -87,7 +88,7 @@ def test_wrong_gemv_is_disabled_with_one_warning_and_the_reference_runs(launches
     assert "self-test" in message and "linear_w8" in message and "relative error" in message
     assert torch.equal(out, reference.linear_w8(x, q, scale, None))
     assert torch.equal(again, out)
-    assert launches[launched_before:] == ["qb_gemm<2, 3>"]
+    assert launches[launched_before:] == gemm_launches("qb_gemm<2, 3>", 40, 256, 64)
     assert big.shape == (40, 64)
     assert cuda_ops._health[(None, "gemv")] is False and cuda_ops._health[(None, "gemm")] is True
 

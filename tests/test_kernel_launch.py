@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from fake_cuda import emulate_launch
+from fake_cuda import H100_SMS, emulate_launch
 from test_kernels_compile import _cuobjdump
 
 import quanto_backend.kernels as kernels
@@ -92,6 +92,7 @@ def _ops_signatures(monkeypatch) -> dict[str, str]:
 
     monkeypatch.setattr(cuda_ops, "_launch", record)
     monkeypatch.setattr(cuda_ops, "_fp8_tensor_cores", lambda device: True)
+    monkeypatch.setattr(cuda_ops, "_multiprocessors", lambda device: H100_SMS)
     from quanto_backend.ops import cuda_self_test
 
     for family in cuda_ops.FAMILIES:

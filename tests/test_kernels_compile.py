@@ -50,9 +50,11 @@ def test_every_kernel_is_an_entry_point() -> None:
     sources = loader.read_sources()
     c_kernels = set(re.findall(r'extern "C" __global__ void __launch_bounds__\(\d+\) (\w+)\(', sources["quantize.cu"]))
     assert c_kernels == set(loader.ENTRY_POINTS["quantize.cu"])
-    for kind in ("gemv", "gemm"):
-        assert f"qb_{kind}(QB_MATMUL_PARAMS)" in sources[f"{kind}.cu"]
-        assert len(loader.ENTRY_POINTS[f"{kind}.cu"]) == len(loader.MATMUL_FORMATS) == 15
+    assert "qb_gemv(QB_MATMUL_PARAMS)" in sources["gemv.cu"]
+    assert "qb_gemm(QB_MATMUL_PARAMS, Acc<AF>* __restrict__ partial, int split_k_tiles)" in sources["gemm.cu"]
+    assert "qb_gemm_reduce(const Acc<AF>* __restrict__ partial, int splits," in sources["gemm.cu"]
+    assert len(loader.ENTRY_POINTS["gemv.cu"]) == len(loader.MATMUL_FORMATS) == 15
+    assert len(loader.ENTRY_POINTS["gemm.cu"]) == 2 * len(loader.MATMUL_FORMATS)  # each GEMM and its reduction
 
 
 @pytest.mark.parametrize(("arch", "has_fp8_mma"), [(80, False), (89, True)])

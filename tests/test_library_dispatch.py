@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fake_cuda import gemm_launches
 from test_kernel_fallback import launches  # noqa: F401  (fixture: kernels emulated on CPU)
 
 import quanto_backend.ops.cuda as cuda_ops
@@ -85,7 +86,8 @@ def test_int8_outside_the_int_mm_contract_uses_our_kernels(gpu, m, k, n, kernel)
     calls, launched = gpu
     x_q, x_scale, w_q, w_scale = _a8w8(m, k, n)
     out = cuda_ops._linear_a8w8(x_q, x_scale, w_q, w_scale, None, torch.bfloat16)
-    assert calls == [] and launched[-1] == kernel
+    expected = [kernel] if kernel.startswith("qb_gemv") else gemm_launches(kernel, m, k, n)
+    assert calls == [] and launched[-len(expected) :] == expected
     assert torch.equal(out, reference.linear_a8w8(x_q, x_scale, w_q, w_scale, None, torch.bfloat16))
 
 
@@ -128,7 +130,7 @@ def test_fp8_outside_the_scaled_mm_contract(gpu, monkeypatch):
     m = cuda_ops.FP8_LIBRARY_ROWS
     args = _a8w8(m, 128, 48, E5M2, E5M2)  # no e5m2 x e5m2 in cuBLASLt: our GEMM
     cuda_ops._linear_a8w8(*args, None, torch.bfloat16)
-    assert calls == [] and launched[-1] == "qb_gemm<6, 6>"
+    assert calls == [] and launched[-1:] == gemm_launches("qb_gemm<6, 6>", m, 128, 48)  # 2 k-tiles: not split
     monkeypatch.setattr(cuda_ops, "_capability", lambda device: (8, 0))
     monkeypatch.setattr(cuda_ops, "_fp8_tensor_cores", lambda device: False)
     launched.clear()
@@ -152,7 +154,7 @@ def test_weight_only_many_rows_dequantize_then_linear(gpu, scale_dtype):
     assert torch.equal(out, reference.linear_w8(x, q, scale, None))
     launched.clear()
     cuda_ops._linear_w8(x[:-1], q, scale, None)  # one row fewer: our GEMM
-    assert launched == ["qb_gemm<2, 3>"]
+    assert launched == gemm_launches("qb_gemm<2, 3>", m - 1, 256, 64) == ["qb_gemm<2, 3>", "qb_gemm_reduce<2, 3>"]
 
 
 def test_affine_many_rows_dequantize_then_linear(gpu):
@@ -176,3 +178,16 @@ def test_affine_many_rows_dequantize_then_linear(gpu):
 def test_thresholds_are_named_constants():
     assert cuda_ops.GEMV_MAX_M < cuda_ops.INT8_LIBRARY_ROWS <= cuda_ops.WEIGHT_ONLY_LIBRARY_ROWS
     assert cuda_ops.INT_MM.min_rows > cuda_ops.GEMV_MAX_M
+
+
+def test_split_k_fills_the_sms_and_gives_every_split_work():
+    # M <= 128 and N = 4096 on an H100: 32 output tiles; K = 4096 of bfloat16 activations: 128 k-tiles.
+    assert cuda_ops.split_k(32, 128, 132) == (5, 26)  # 160 blocks for 132 SMs
+    assert cuda_ops.split_k(132, 128, 132) == (1, 128)  # the output tiles alone fill the GPU
+    assert cuda_ops.split_k(1, 1, 132) == (1, 1) and cuda_ops.split_k(1, 2, 132) == (1, 2)  # too short to split
+    assert cuda_ops.split_k(1, 1000, 132) == (cuda_ops.SPLIT_K_MAX, 125)
+    for tiles in (1, 2, 7, 31, 64, 131):
+        for k_tiles in (1, 2, 3, 5, 17, 64, 1000):
+            splits, per_split = cuda_ops.split_k(tiles, k_tiles, 132)
+            assert 1 <= splits <= cuda_ops.SPLIT_K_MAX and (splits - 1) * per_split < k_tiles <= splits * per_split
+            assert splits == 1 or per_split >= cuda_ops.SPLIT_K_MIN_TILES

@@ -98,7 +98,7 @@ ENTRY_POINTS: dict[str, tuple[str, ...]] = {
         "qb_unpack",
     ),
     "gemv.cu": tuple(f"qb_gemv<{a}, {w}>" for a, w in MATMUL_FORMATS),
-    "gemm.cu": tuple(f"qb_gemm<{a}, {w}>" for a, w in MATMUL_FORMATS),
+    "gemm.cu": tuple(f"qb_{kernel}<{a}, {w}>" for a, w in MATMUL_FORMATS for kernel in ("gemm", "gemm_reduce")),
 }
 
 

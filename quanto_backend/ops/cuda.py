@@ -8,8 +8,9 @@ plain-torch reference, which is correct on any device. Importing this module nee
 Matmul dispatch: up to ``GEMV_MAX_M`` rows of activations go to the decode GEMV (tensor-core m16 tile, each
 weight byte read once), more rows to the tiled tensor-core GEMM: int8 x int8 and float8 x float8 (sm_89+) for
 quantized activations, and for weight-only formats a 16-bit GEMM whose weight tiles are dequantized in shared
-memory. From ``*_LIBRARY_ROWS`` rows on, a library GEMM takes over where its contract (``INT_MM``, ``SCALED_MM``)
-allows: cuBLAS through ``F.linear`` on the dequantized weight, ``torch._int_mm``, ``torch._scaled_mm``.
+memory; a GEMM of fewer output tiles than SMs is split along K (:func:`split_k`). From ``*_LIBRARY_ROWS`` rows on,
+a library GEMM takes over where its contract (``INT_MM``, ``SCALED_MM``) allows: cuBLAS through ``F.linear`` on
+the dequantized weight, ``torch._int_mm``, ``torch._scaled_mm``.
 
 Kernel families (``FAMILIES``, one per source) are self-tested on their first use on a device (see
 :func:`warmup` and :mod:`.cuda_self_test`); one that fails to compile, to load, or to agree with the reference is
@@ -34,8 +35,11 @@ __all__ = [
     "INT8_LIBRARY_ROWS",
     "INT_MM",
     "SCALED_MM",
+    "SPLIT_K_MAX",
+    "SPLIT_K_MIN_TILES",
     "WEIGHT_ONLY_LIBRARY_ROWS",
     "LibraryContract",
+    "split_k",
     "warmup",
 ]
 
@@ -438,19 +442,66 @@ def _matmul(
         weight_scale = weight_scale.contiguous()
         weight_shift = None if weight_shift is None else weight_shift.contiguous()
         bias = None if bias is None else bias.contiguous()
-        if kind == "gemv":
-            grid = (math.ceil(n / 8),)
-        else:
-            grid = (math.ceil(n / _GEMM_TILE), math.ceil(m / _GEMM_TILE))
         source, entry_point = matmul_entry_point(kind, act_format, weight_format)
+        scale_code, out_code = _code(weight_scale.dtype), _code(out_dtype)
+        bias_code = 0 if bias is None else _code(bias.dtype)
         args = (
             x2, weight, weight_scale, weight_shift, x_scale, bias, out,
-            m, n, k, weight.shape[1], n_groups, group_size, x_scale_stride,
-            _code(weight_scale.dtype), _code(bias.dtype) if bias is not None else 0, _code(out_dtype),
+            m, n, k, weight.shape[1], n_groups, group_size, x_scale_stride, scale_code, bias_code, out_code,
             _vector_ok(x2, k * x2.element_size()), _vector_ok(weight, weight.shape[1]),
         )  # fmt: skip
-        _launch(source, entry_point, grid, args, x.device)
+        if kind == "gemv":
+            _launch(source, entry_point, (math.ceil(n / 8),), args, x.device)
+        else:
+            epilogue = (x_scale, x_scale_stride, weight_scale, scale_code, bias, bias_code, out, out_code)
+            _gemm(source, entry_point, args, epilogue, (m, n, k), x2.dtype, x.device)
     return out.reshape(*x.shape[:-1], n)
+
+
+# Split-K (see cuda_kernels/gemm.cu): a GEMM of fewer 128 x 128 output tiles than the GPU has SMs splits its
+# k-tiles (64 bytes of each row of activations) into up to SPLIT_K_MAX parts of at least SPLIT_K_MIN_TILES. NOT YET
+# MEASURED ON A GPU: sized so that the blocks about fill the SMs once; bench/kernels.py times M = 17-128 when a GPU
+# is lent.
+SPLIT_K_MAX = 8
+SPLIT_K_MIN_TILES = 2
+
+
+def split_k(output_tiles: int, k_tiles: int, multiprocessors: int) -> tuple[int, int]:
+    """(splits, k-tiles per split) of a GEMM with ``output_tiles`` blocks per split and ``k_tiles`` k-tiles: one
+    split when the output tiles alone fill the SMs; every split gets at least one k-tile."""
+    if output_tiles >= multiprocessors:
+        return 1, k_tiles
+    wanted = min(SPLIT_K_MAX, math.ceil(multiprocessors / output_tiles), math.ceil(k_tiles / SPLIT_K_MIN_TILES))
+    per_split = math.ceil(k_tiles / max(1, wanted))
+    return math.ceil(k_tiles / per_split), per_split
+
+
+_multiprocessor_counts: dict[int, int] = {}
+
+
+def _multiprocessors(device: torch.device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _multiprocessor_counts:
+        _multiprocessor_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _multiprocessor_counts[index]
+
+
+def _gemm(source: str, entry_point: str, args: tuple, epilogue: tuple, mnk: tuple, act_dtype, device) -> None:
+    """Launches the GEMM ``entry_point`` on the matmul ``args``, split along K where that fills more SMs, then (if
+    split) its reduction, which applies the ``epilogue`` arguments (scales, bias, output) of ``qb_gemm_reduce``."""
+    m, n, k = mnk
+    grid = (math.ceil(n / _GEMM_TILE), math.ceil(m / _GEMM_TILE))
+    k_tiles = math.ceil(k * act_dtype.itemsize / 64)
+    splits, per_split = split_k(grid[0] * grid[1], k_tiles, _multiprocessors(device))
+    if splits == 1:
+        _launch(source, entry_point, (*grid, 1), (*args, None, k_tiles), device)
+        return
+    # What the kernel accumulates in: int32 sums of int8 x int8 (exact), float32 otherwise.
+    dtype = torch.int32 if act_dtype == torch.int8 else torch.float32
+    partial = torch.empty((splits, m, n), dtype=dtype, device=device)
+    _launch(source, entry_point, (*grid, splits), (*args, partial, per_split), device)
+    reduce_entry = entry_point.replace("qb_gemm<", "qb_gemm_reduce<")
+    _launch(source, reduce_entry, (math.ceil(m * n / _BLOCK),), (partial, splits, m, n, *epilogue), device)
 
 
 # --- library GEMMs for many rows ------------------------------------------------------------------------------

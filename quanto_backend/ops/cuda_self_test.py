@@ -26,7 +26,9 @@ _Q8 = (torch.int8, *_FP8)
 _HALF = (torch.float16, torch.bfloat16)
 # Max error relative to the largest output: twice the tolerance of the GPU test suite.
 _TOLERANCE = {torch.bfloat16: 3.2e-2, torch.float16: 5e-3, torch.float32: 2e-4}
-_K, _N = 160, 24  # K: one and a quarter GEMM K-tiles, five 32-wide groups; N: not a multiple of 16
+# K: two and a half GEMM k-tiles of 8-bit activations (five of 16-bit ones), five 32-wide groups; one output tile,
+# so the GEMM splits along K (cuda_kernels/gemm.cu). _UNSPLIT_K: one or two k-tiles, too few to split.
+_K, _UNSPLIT_K, _N = 160, 64, 24  # N: not a multiple of 16
 
 
 def _qmax(dtype: torch.dtype) -> float:
@@ -109,22 +111,29 @@ def _gemv_k(bits: int) -> int:
 
 
 def _matmul(kind: str, device: torch.device) -> str | None:
-    """Every matmul entry point of ``kind``. The GEMM: one case, M one tile and a few rows past GEMV_MAX_M. The
-    GEMV: its unchecked loop and its checked tail (see :func:`_gemv_k`), for M on both sides of 8 (one half of the
-    mma tile's rows or both), and 2-bit weights with two groups in a lane's 16 bytes or one."""
+    """Every matmul entry point of ``kind``. The GEMM: M one tile and a few rows past GEMV_MAX_M, split along K and
+    not. The GEMV: its unchecked loop and its checked tail (see :func:`_gemv_k`), for M on both sides of 8 (one half
+    of the mma tile's rows or both), and 2-bit weights with two groups in a lane's 16 bytes or one."""
     gen = torch.Generator(device=device).manual_seed(1)
     checks: list[str | None] = []
-    for m in (3, 11) if kind == "gemv" else (cuda.GEMV_MAX_M + 5,):
-        checks += _matmul_cases(kind, m, gen, device)
+    if kind == "gemv":
+        for m in (3, 11):
+            checks += _matmul_cases(kind, m, None, gen, device)
+    else:
+        for k in (_K, _UNSPLIT_K):
+            checks += _matmul_cases(kind, cuda.GEMV_MAX_M + 5, k, gen, device)
     return next((c for c in checks if c is not None), None)
 
 
-def _matmul_cases(kind: str, m: int, gen: torch.Generator, device: torch.device) -> list[str | None]:
+def _matmul_cases(kind: str, m: int, k: int | None, gen: torch.Generator, device: torch.device) -> list[str | None]:
+    """The cases of every format at ``m`` rows; ``k``: the GEMM's K (the GEMV's depends on the weight's bits)."""
+
     def inputs(bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-        k = _gemv_k(bits) if kind == "gemv" else _K
-        return torch.randn(_N, k, device=device, generator=gen), torch.randn(m, k, device=device, generator=gen)
+        depth = _gemv_k(bits) if k is None else k
+        return torch.randn(_N, depth, device=device, generator=gen), torch.randn(m, depth, device=device, generator=gen)
 
     bias32 = torch.randn(_N, device=device, generator=gen)
+    shape = f"M = {m}" if k is None else f"M = {m}, K = {k}"
     checks: list[str | None] = []
     for x_dtype in _HALF:
         bias = bias32.to(x_dtype)
@@ -135,7 +144,7 @@ def _matmul_cases(kind: str, m: int, gen: torch.Generator, device: torch.device)
             w_scale = w_scale.to(x_dtype)
             out = cuda._linear_w8_kernel(kind, x, w_q, w_scale, bias)
             truth = x.float() @ (w_q.float() * w_scale.float()).t() + bias.float()
-            checks.append(_far(f"linear_w8 {x_dtype} x {w_dtype}, M = {m}", out, truth))
+            checks.append(_far(f"linear_w8 {x_dtype} x {w_dtype}, {shape}", out, truth))
         for bits in (2, 4):
             for group_size in (32, 64) if kind == "gemv" and bits == 2 else (32,):
                 w32, x32 = inputs(bits)
@@ -144,7 +153,7 @@ def _matmul_cases(kind: str, m: int, gen: torch.Generator, device: torch.device)
                 packed = reference.quantize_affine(w32, scale, shift, bits)
                 out = cuda._linear_affine_kernel(kind, x, packed, scale, shift, bits, bias)
                 w_ref = reference.dequantize_affine(packed, scale, shift, bits).to(x_dtype).float()
-                name = f"linear_affine {x_dtype} x {bits}-bit, groups of {group_size}, M = {m}"
+                name = f"linear_affine {x_dtype} x {bits}-bit, groups of {group_size}, {shape}"
                 checks.append(_far(name, out, x.float() @ w_ref.t() + bias.float()))
     pairs = [(torch.int8, torch.int8)]
     if cuda._fp8_tensor_cores(device):
@@ -154,7 +163,7 @@ def _matmul_cases(kind: str, m: int, gen: torch.Generator, device: torch.device)
         x_q, x_scale = reference.quantize_per_token(x32, x_dtype)
         w_q, w_scale = reference.quantize_per_token(w32, w_dtype)
         out = cuda._linear_a8w8_kernel(kind, x_q, x_scale, 1, w_q, w_scale, bias32, torch.bfloat16)
-        name = f"linear_a8w8 {x_dtype} x {w_dtype}, M = {m}"
+        name = f"linear_a8w8 {x_dtype} x {w_dtype}, {shape}"
         if x_dtype == torch.int8:
             expected = reference.linear_a8w8(x_q, x_scale, w_q, w_scale, bias32, torch.bfloat16)
             checks.append(_differs(name, out, expected))

@@ -46,6 +46,7 @@ SANITIZERS = "-fsanitize=address,undefined,float-cast-overflow"
 # -O1 keeps ASan fast enough; -ffp-contract=off: no fused multiply-add the GPU build would not also have written.
 FLAGS = ("-std=c++17", "-O1", "-g", "-fno-omit-frame-pointer", "-ffp-contract=off", SANITIZERS,
          "-fno-sanitize-recover=all", f"-I{KERNELS}", f"-I{HERE}")  # fmt: skip
+SMS = 132  # an H100's SMs: a GEMM of fewer output tiles splits along K
 SANITIZER_ENV = {
     "ASAN_OPTIONS": "detect_leaks=0:halt_on_error=1:abort_on_error=0:allocator_may_return_null=0",
     "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1",
@@ -230,12 +231,14 @@ def _run_on_the_shim(patch: pytest.MonkeyPatch, simt_device: SimtDevice) -> None
     patch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     # The self-tests call the kernels of the registered module: float8 pairs included, as on sm_89+.
     patch.setattr(quanto_backend.ops.cuda, "_fp8_tensor_cores", lambda device: True)
+    patch.setattr(quanto_backend.ops.cuda, "_multiprocessors", lambda device: SMS)
 
 
 def _on_the_shim(module: types.ModuleType) -> types.ModuleType:
     """The private copy's checks of the device: every tensor on one device (the CPU here) can run the kernels."""
     module._kernels_ready = lambda *tensors: len({t.device for t in tensors if t is not None}) == 1
     module._fp8_tensor_cores = lambda device: True
+    module._multiprocessors = lambda device: SMS
     return module
 
 

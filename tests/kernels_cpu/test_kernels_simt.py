@@ -176,7 +176,9 @@ def test_quantize_dequantize_affine(cuda_ops, simt_device, monkeypatch, bits, gr
 # (M, K, N, unaligned). GEMV: its unchecked loops (two steps per iteration, then one, then the checked tail) on
 # both sides of M = 8 (one row-half of the mma tile or two), with K long enough for several iterations per warp
 # (`None`: 20.75 warp steps, see _long_k); and the checked loop alone, for unaligned tensors. GEMM: just above
-# GEMV_MAX_M (one tile of rows) and above one tile; K and N ragged.
+# GEMV_MAX_M (one tile of rows) and above one tile; K and N ragged. On an H100's 132 SMs (the shim's count) these
+# two output tiles split along K: 4 splits of 2, 2, 2 and 1 k-tiles, 2 of 2 and 1, or 2 of 2 each (8-bit
+# activations); one SM (the last case) leaves a K of 9 or 17 k-tiles unsplit.
 GEMV_CASES = (
     (1, None, 24, False),
     (8, None, 9, False),
@@ -184,7 +186,7 @@ GEMV_CASES = (
     (12, None, 11, False),
     (GEMV_MAX_M, 333, 19, True),
 )
-GEMM_CASES = ((GEMV_MAX_M + 1, 200, 136, True), (129, 96, 40, False))
+GEMM_CASES = ((GEMV_MAX_M + 1, 200, 136, True, 132), (129, 96, 40, False, 132), (40, 520, 72, False, 1))
 
 
 def _long_k(fmt: tuple[int, int]) -> int:
@@ -256,19 +258,26 @@ def _run_matmul(cuda_ops, simt_device, fmt: tuple[int, int], m: int, k: int, n: 
         else:
             truth = (x_q.float() @ w_q.float().t()) * x_scale * w_scale.t() + (0 if bias is None else bias.float())
             assert_matmul_close(out, truth, out_dtype)
-    (entry,) = simt_device.launches[-1:]
-    return entry
+    return simt_device.launches
 
 
 @pytest.mark.parametrize("fmt", MATMUL_FORMATS, ids=_format_id)
 def test_gemv(cuda_ops, simt_device, fmt):
     for i, (m, k, n, misaligned) in enumerate(GEMV_CASES):
-        entry = _run_matmul(cuda_ops, simt_device, fmt, m, k or _long_k(fmt), n, misaligned, seed=10 * i)
-        assert entry == f"qb_gemv<{fmt[0]}, {fmt[1]}>"
+        launches = _run_matmul(cuda_ops, simt_device, fmt, m, k or _long_k(fmt), n, misaligned, seed=10 * i)
+        assert launches[-1] == f"qb_gemv<{fmt[0]}, {fmt[1]}>"
 
 
 @pytest.mark.parametrize("fmt", MATMUL_FORMATS, ids=_format_id)
-def test_gemm(cuda_ops, simt_device, fmt):
-    for i, (m, k, n, misaligned) in enumerate(GEMM_CASES):
-        entry = _run_matmul(cuda_ops, simt_device, fmt, m, k, n, misaligned, seed=10 * i)
-        assert entry == f"qb_gemm<{fmt[0]}, {fmt[1]}>"
+def test_gemm(cuda_ops, simt_device, monkeypatch, fmt):
+    splits_seen = set()
+    for i, (m, k, n, misaligned, sms) in enumerate(GEMM_CASES):
+        monkeypatch.setattr(cuda_ops, "_multiprocessors", lambda device, sms=sms: sms)
+        simt_device.launches = []
+        launches = _run_matmul(cuda_ops, simt_device, fmt, m, k, n, misaligned, seed=10 * i)
+        act_bytes = 1 if fmt[0] in (3, 5, 6) else 2
+        splits, _ = cuda_ops.split_k(-(-n // 128) * -(-m // 128), -(-k * act_bytes // 64), sms)
+        gemm = f"qb_gemm<{fmt[0]}, {fmt[1]}>"
+        assert launches == ([gemm] if splits == 1 else [gemm, f"qb_gemm_reduce<{fmt[0]}, {fmt[1]}>"])
+        splits_seen.add(splits)
+    assert 1 in splits_seen and max(splits_seen) >= 2
