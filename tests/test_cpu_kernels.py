@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import gc
+import itertools
 
 import pytest
 import torch
@@ -200,6 +201,22 @@ def test_row_bound_grows_with_the_weight(monkeypatch, kind):
         for dtype in (torch.float32, torch.bfloat16):
             assert cpu.kernel_max_rows(2048, 2048, 8, dtype) == cpu.kernel_max_rows(4096, 14336, 8, dtype)
             assert cpu.kernel_max_rows(4096, 14336, 8, dtype) == sliced.kernel_rows
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("scale_dtype", DTYPES)
+def test_dequantize_affine_is_the_reference_bit_for_bit(bits, scale_dtype):
+    # The CPU kernel (one strided conversion per code position) and the dequantizing path's writes into a block
+    # buffer of any dtype and width (the padded input dimension cut to in_features): what the reference computes.
+    for rows, groups, group_size in ((7, 3, 32), (16, 1, 64), (33, 5, 128)):
+        packed = torch.randint(0, 256, (rows, groups * group_size * bits // 8), dtype=torch.uint8)
+        scale = torch.rand(rows, groups).to(scale_dtype)
+        shift = (torch.rand(rows, groups) * 2**bits).to(scale_dtype)
+        expected = reference.dequantize_affine(packed, scale, shift, bits)
+        assert torch.equal(ops.dequantize_affine(packed, scale, shift, bits), expected)
+        for out_dtype, width in itertools.product(DTYPES, (groups * group_size, groups * group_size - 5)):
+            out = cpu._dequantize_affine_into(packed, scale, shift, bits, torch.empty(rows, width, dtype=out_dtype))
+            assert torch.equal(out, expected[:, :width].to(out_dtype)), (rows, out_dtype, width)
 
 
 @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
