@@ -162,17 +162,20 @@ _ROW_BOUNDS: dict[str, dict[tuple[int, torch.dtype], RowBound]] = {
     # 2 Zen 4 cores (AVX-512 with VNNI and bfloat16 dot products, no AMX), bench/results/cpu_dispatch-avx512.json:
     # the float32 dequantizing path is slow here (0.4-1.4 ns per int8 weight at one row), and the kernels beat it to
     # 128-512 rows, 4-bit ones to 256-512; with bfloat16 activations the crossovers are 8-64 rows for int8 (8 at
-    # 1024 x 1024 in two runs of three) and 128-256 for 4-bit. The float32 bounds keep the divisors of the other
-    # kinds and take Zen 4's caps: the kernels round float32 activations to bfloat16, and with one divisor a layer
-    # of up to 2048 x 2048 (int8; 4-bit: up to the caps) takes the same path, and gives the same float32 result, at
-    # a given row count on every CPU. float16 (bench/results/cpu_dispatch-avx512-float16.json): float16 F.linear has
-    # no fast path here beyond one row (100 ms at 32 rows of 4096 x 14336, bfloat16 13 ms), and the kernels are 3-5x
-    # faster than the float16 dequantizing path at every measured shape and row count.
+    # 1024 x 1024 in two runs of three) and 32-128 for 4-bit in two runs (128-256 before the 4-bit dequantizing
+    # path converted codes in strided copies): the two within 10% at 64 rows, the dequantizing one 1.1-1.4x faster
+    # at 128.
+    # The float32 bounds keep the divisors of the other kinds and take Zen 4's caps: the kernels round float32
+    # activations to bfloat16, and with one divisor a layer of up to 2048 x 2048 (int8; 4-bit: up to the caps) takes
+    # the same path, and gives the same float32 result, at a given row count on every CPU. float16
+    # (bench/results/cpu_dispatch-avx512-float16.json): float16 F.linear has no fast path here beyond one row (100 ms
+    # at 32 rows of 4096 x 14336, bfloat16 13 ms), and the kernels are 3-5x faster than the float16 dequantizing
+    # path at every measured shape and row count.
     "AVX512": {
         (8, torch.float32): RowBound(32, 256),
         (4, torch.float32): RowBound(16, 512),
         (8, torch.bfloat16): RowBound(1, 16),
-        (4, torch.bfloat16): RowBound(1, 128),
+        (4, torch.bfloat16): RowBound(1, 64),
         (8, torch.float16): RowBound(1, 1 << 20),
         (4, torch.float16): RowBound(1, 1 << 20),
     },
