@@ -25,8 +25,8 @@ before the call. Numerics, chosen here once:
   float32, so only its output is rounded to bfloat16 before the float32 scales are applied.
 
 float8 weights (e4m3fn, e5m2) take the dequantizing path, their codes converted through float16 bits
-(:func:`float8_into`). Anything no path takes (other weight or activation dtypes, no rows, mismatched shapes) takes
-:mod:`.reference`.
+(:func:`float8_into`); float8 x float8 multiplies the converted values in float32 (:func:`_float8_sums`).
+Anything no path takes (other weight or activation dtypes, no rows, mismatched shapes) takes :mod:`.reference`.
 """
 
 from __future__ import annotations
@@ -420,12 +420,8 @@ def _with_bias(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return out if bias is None else out.add_(bias.to(out.dtype))
 
 
-def _int8_weight(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> bool:
-    """A 2-D int8 weight with one scale per output channel, and activations of its width."""
-    return weight.dtype == torch.int8 and _per_row_weight(x, weight, weight_scale)
-
-
 def _per_row_weight(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> bool:
+    """A 2-D weight with one scale per output channel, and activations of its width."""
     return (
         weight.dim() == 2
         and x.dim() >= 1
@@ -484,6 +480,15 @@ def _linear_int8_kernels(
     return _sliced_int_mm(x2d, weight, scale, bias) if sliced and sliced.takes(x2d.shape[0], x.dtype) else None
 
 
+def _float8_sums(x2d: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x2d @ weight.T`` of float8 codes (e4m3fn or e5m2, any pair) as float32, through float32 matmuls of their
+    values (:func:`float8_into`, block by block of the weight). Each product is exact in float32 (4-bit
+    significands at most); the sums are float32 ones, where the reference adds in float64."""
+    x = float8_into(x2d, torch.empty(x2d.shape, dtype=torch.float32))
+    acc = _blockwise_linear(x, weight.shape[0], lambda a, b, buf: float8_into(weight[a:b], buf), None)
+    return acc.mul_(FLOAT8_VIA_HALF_FACTOR[x2d.dtype] * FLOAT8_VIA_HALF_FACTOR[weight.dtype])  # a power of 2: exact
+
+
 @torch.library.register_kernel(library.linear_a8w8, "cpu")
 def _linear_a8w8(
     x_q: torch.Tensor,
@@ -494,10 +499,14 @@ def _linear_a8w8(
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
     rows = _rows(x_q)
-    if x_q.dtype != torch.int8 or not _int8_weight(x_q, weight, weight_scale) or rows == 0:
+    float8 = x_q.dtype in FLOAT8_VIA_HALF_FACTOR and weight.dtype in FLOAT8_VIA_HALF_FACTOR
+    codes = x_q.dtype == weight.dtype == torch.int8 or float8
+    if not codes or not _per_row_weight(x_q, weight, weight_scale) or rows == 0:
         return reference.linear_a8w8(x_q, x_scale, weight, weight_scale, bias, out_dtype)
     x2d = x_q.reshape(rows, x_q.shape[-1])
-    if INT8PACK.admits_weight(weight) and rows <= a8w8_kernel_max_rows(*weight.shape):
+    if float8:
+        acc = _float8_sums(x2d, weight)
+    elif INT8PACK.admits_weight(weight) and rows <= a8w8_kernel_max_rows(*weight.shape):
         # |codes| <= 128: exact in bfloat16 (a fresh tensor, so contiguous and aligned); the kernel sums in float32
         # and rounds its output to bfloat16.
         x2d = x2d.to(torch.bfloat16, memory_format=torch.contiguous_format)
