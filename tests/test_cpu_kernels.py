@@ -250,10 +250,16 @@ def test_linear_w8_float8_weights(monkeypatch, spy, shape, weight_dtype, dtype):
     assert sum(spy.calls.values()) == 0
 
 
-def test_linear_w8_float8_nan_codes_stay_nan():
-    codes = torch.randn(16, 32).to(torch.float8_e4m3fn)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_w8_float8_nan_codes_stay_nan(spy, dtype):
+    # Whether a weight holds NaN codes is checked once per storage and version: a code written in place is seen.
+    codes, scale, x = torch.randn(16, 32).to(torch.float8_e4m3fn), torch.rand(16, 1).to(dtype), torch.randn(2, 32)
+    assert not ops.linear_w8(x.to(dtype), codes, scale, None).isnan().any()
     codes.view(torch.uint8)[3, 5] = 0x7F  # e4m3fn's NaN (a corrupt checkpoint)
-    out = ops.linear_w8(torch.randn(2, 32), codes, torch.rand(16, 1), None)
+    out = ops.linear_w8(x.to(dtype), codes, scale, None)
+    assert out[:, 3].isnan().all() and not out[:, torch.arange(16) != 3].isnan().any()
+    x_q, x_scale = reference.quantize_per_token(x, torch.float8_e4m3fn)
+    out = ops.linear_a8w8(x_q, x_scale, codes, scale.float(), None, torch.float32)
     assert out[:, 3].isnan().all() and not out[:, torch.arange(16) != 3].isnan().any()
 
 

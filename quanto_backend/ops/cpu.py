@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import library, reference
-from .float8 import FLOAT8_VIA_HALF_FACTOR, float8_into
+from .float8 import FLOAT8_VIA_HALF_FACTOR, float8_into, has_nan_codes
 
 __all__ = [
     "INT4PACK",
@@ -445,7 +445,9 @@ def _linear_w8(
             return out.view(*x.shape[:-1], out_features)
         codes_into, factor = (lambda a, b, buf: buf.copy_(weight[a:b])), 1.0
     else:
-        codes_into, factor = (lambda a, b, buf: float8_into(weight[a:b], buf)), FLOAT8_VIA_HALF_FACTOR[weight.dtype]
+        nan_codes = _per_storage(_NAN_CODES_CACHE, weight, has_nan_codes)  # checked once: four passes fewer a call
+        codes_into = lambda a, b, buf: float8_into(weight[a:b], buf, nan_codes)  # noqa: E731
+        factor = FLOAT8_VIA_HALF_FACTOR[weight.dtype]
     x2d = x.reshape(_rows(x), x.shape[-1])
     column = scale.float().mul(factor).reshape(-1, 1)
     if x.dtype == torch.float16:
@@ -485,7 +487,8 @@ def _float8_sums(x2d: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     values (:func:`float8_into`, block by block of the weight). Each product is exact in float32 (4-bit
     significands at most); the sums are float32 ones, where the reference adds in float64."""
     x = float8_into(x2d, torch.empty(x2d.shape, dtype=torch.float32))
-    acc = _blockwise_linear(x, weight.shape[0], lambda a, b, buf: float8_into(weight[a:b], buf), None)
+    nan_codes = _per_storage(_NAN_CODES_CACHE, weight, has_nan_codes)
+    acc = _blockwise_linear(x, weight.shape[0], lambda a, b, buf: float8_into(weight[a:b], buf, nan_codes), None)
     return acc.mul_(FLOAT8_VIA_HALF_FACTOR[x2d.dtype] * FLOAT8_VIA_HALF_FACTOR[weight.dtype])  # a power of 2: exact
 
 
@@ -553,25 +556,34 @@ def _same_sources(a: tuple, b: tuple) -> bool:
     return all(x is y if isinstance(x, torch.UntypedStorage) else x == y for x, y in zip(a, b, strict=True))
 
 
-# Row sums of int8 weights (linear layers with a zero-point on their int8 input), cached like the 4-bit conversions.
+# Per weight storage, cached like the 4-bit conversions: the row sums of int8 weights (linear layers with a zero-point
+# on their int8 input), and whether float8 weights hold NaN codes.
 _ROW_SUMS_CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_NAN_CODES_CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def clear_cache() -> None:
-    """Drop every cached 4-bit weight conversion and row sum (each is rebuilt at its next use)."""
+    """Drop every cached 4-bit weight conversion, row sum and float8 NaN check (each is redone at its next use)."""
     _INT4_CACHE.clear()
     _ROW_SUMS_CACHE.clear()
+    _NAN_CODES_CACHE.clear()
+
+
+def _per_storage(cache: WeakIdKeyDictionary, weight: torch.Tensor, compute):
+    """``compute(weight)``, cached per storage while the weight's layout and version (:func:`_layout`) stay."""
+    storage, layout = weight.untyped_storage(), _layout(weight)
+    entry = cache.get(storage)
+    if entry is None or entry[0] != layout:
+        entry = (layout, compute(weight))
+        cache[storage] = entry
+    return entry[1]
 
 
 @torch.library.register_kernel(library.weight_row_sums, "cpu")
 def _weight_row_sums(weight: torch.Tensor) -> torch.Tensor:
     # A pass over the whole weight, as long as the matmul itself at one row: computed once per weight storage.
-    storage, layout = weight.untyped_storage(), _layout(weight)
-    entry = _ROW_SUMS_CACHE.get(storage)
-    if entry is None or entry[0] != layout:
-        entry = (layout, reference.weight_row_sums(weight))
-        _ROW_SUMS_CACHE[storage] = entry
-    return entry[1].clone()  # a fresh output, as an op's must be (the caller, or inductor, may write into it)
+    sums = _per_storage(_ROW_SUMS_CACHE, weight, reference.weight_row_sums)
+    return sums.clone()  # a fresh output, as an op's must be (the caller, or inductor, may write into it)
 
 
 def _int4_weight(weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, bits: int) -> _Int4Weight:
