@@ -162,7 +162,7 @@ _ROW_BOUNDS: dict[str, dict[tuple[int, torch.dtype], RowBound]] = {
     # 2 Zen 4 cores (AVX-512 with VNNI and bfloat16 dot products, no AMX), bench/results/cpu_dispatch-avx512.json:
     # the float32 dequantizing path is slow here (0.4-1.4 ns per int8 weight at one row), and the kernels beat it to
     # 128-512 rows, 4-bit ones to 256-512; with bfloat16 activations the crossovers are 8-64 rows for int8 (8 at
-    # 1024 x 1024 in two runs of three) and 32-128 for 4-bit in two runs (128-256 before the 4-bit dequantizing
+    # 1024 x 1024 in two runs of three) and 32-128 for 4-bit in three runs (128-256 before the 4-bit dequantizing
     # path converted codes in strided copies): the two within 10% at 64 rows, the dequantizing one 1.1-1.4x faster
     # at 128.
     # The float32 bounds keep the divisors of the other kinds and take Zen 4's caps: the kernels round float32
