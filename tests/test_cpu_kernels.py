@@ -21,6 +21,7 @@ from quanto_backend.ops.float8 import FLOAT8_VIA_HALF_FACTOR, float8_into
 
 M_VALUES = (1, 2, 7, 32, 333)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 # The kernels round activations (float32/float16) and outputs to bfloat16: about 2**-9 relative each.
 KERNEL_RTOL = 1e-2
 
@@ -219,7 +220,7 @@ def test_dequantize_affine_is_the_reference_bit_for_bit(bits, scale_dtype):
             assert torch.equal(out, expected[:, :width].to(out_dtype)), (rows, out_dtype, width)
 
 
-@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize("dtype", FLOAT8)
 def test_float8_into_is_exact_on_every_code(dtype):
     codes = torch.arange(256, dtype=torch.uint8).view(dtype)
     expected = codes.float() / FLOAT8_VIA_HALF_FACTOR[dtype]  # torch's own (scalar) conversion
@@ -230,7 +231,7 @@ def test_float8_into_is_exact_on_every_code(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("weight_dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize("weight_dtype", FLOAT8)
 @pytest.mark.parametrize("shape", [(7, 40), (33, 1000), (48, 4104)])
 def test_linear_w8_float8_weights(monkeypatch, spy, shape, weight_dtype, dtype):
     out_features, in_features = shape
@@ -335,7 +336,6 @@ def test_linear_a8w8_without_int_mm_sums_exactly_in_float32(monkeypatch, spy, in
     assert len(results) == 1 and (results[0] is None) == (precision != "highest")
 
 
-FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 FLOAT8_PAIRS = [(a, w) for a in FLOAT8 for w in FLOAT8]
 
 

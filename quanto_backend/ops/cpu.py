@@ -164,10 +164,9 @@ _ROW_BOUNDS: dict[str, dict[tuple[int, torch.dtype], RowBound]] = {
     # 128-512 rows, 4-bit ones to 256-512; with bfloat16 activations the crossovers are 8-64 rows for int8 (8 at
     # 1024 x 1024 in two runs of three) and 32-128 for 4-bit in three runs (128-256 before the 4-bit dequantizing
     # path converted codes in strided copies): the two within 10% at 64 rows, the dequantizing one 1.1-1.4x faster
-    # at 128.
-    # The float32 bounds keep the divisors of the other kinds and take Zen 4's caps: the kernels round float32
-    # activations to bfloat16, and with one divisor a layer of up to 2048 x 2048 (int8; 4-bit: up to the caps) takes
-    # the same path, and gives the same float32 result, at a given row count on every CPU. float16
+    # at 128. The float32 bounds keep the divisors of the other kinds and take Zen 4's caps: the kernels round
+    # float32 activations to bfloat16, and with one divisor a layer of up to 2048 x 2048 (int8; 4-bit: up to the
+    # caps) takes the same path, and gives the same float32 result, at a given row count on every CPU. float16
     # (bench/results/cpu_dispatch-avx512-float16.json): float16 F.linear has no fast path here beyond one row (100 ms
     # at 32 rows of 4096 x 14336, bfloat16 13 ms), and the kernels are 3-5x faster than the float16 dequantizing
     # path at every measured shape and row count.
@@ -445,9 +444,7 @@ def _linear_w8(
             return out.view(*x.shape[:-1], out_features)
         codes_into, factor = (lambda a, b, buf: buf.copy_(weight[a:b])), 1.0
     else:
-        nan_codes = _per_storage(_NAN_CODES_CACHE, weight, has_nan_codes)  # checked once: four passes fewer a call
-        codes_into = lambda a, b, buf: float8_into(weight[a:b], buf, nan_codes)  # noqa: E731
-        factor = FLOAT8_VIA_HALF_FACTOR[weight.dtype]
+        codes_into, factor = _float8_weight_into(weight), FLOAT8_VIA_HALF_FACTOR[weight.dtype]
     x2d = x.reshape(_rows(x), x.shape[-1])
     column = scale.float().mul(factor).reshape(-1, 1)
     if x.dtype == torch.float16:
@@ -482,13 +479,20 @@ def _linear_int8_kernels(
     return _sliced_int_mm(x2d, weight, scale, bias) if sliced and sliced.takes(x2d.shape[0], x.dtype) else None
 
 
+def _float8_weight_into(weight: torch.Tensor):
+    """The ``dequantize_into(start, stop, buffer)`` of :func:`_blockwise_linear` for float8 codes (values divided by
+    ``FLOAT8_VIA_HALF_FACTOR``); whether the weight holds NaN codes is checked once per storage and version, which
+    spares four passes a call on a weight without them."""
+    nan_codes = _per_storage(_NAN_CODES_CACHE, weight, has_nan_codes)
+    return lambda start, stop, buffer: float8_into(weight[start:stop], buffer, nan_codes)
+
+
 def _float8_sums(x2d: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x2d @ weight.T`` of float8 codes (e4m3fn or e5m2, any pair) as float32, through float32 matmuls of their
     values (:func:`float8_into`, block by block of the weight). Each product is exact in float32 (4-bit
     significands at most); the sums are float32 ones, where the reference adds in float64."""
     x = float8_into(x2d, torch.empty(x2d.shape, dtype=torch.float32))
-    nan_codes = _per_storage(_NAN_CODES_CACHE, weight, has_nan_codes)
-    acc = _blockwise_linear(x, weight.shape[0], lambda a, b, buf: float8_into(weight[a:b], buf, nan_codes), None)
+    acc = _blockwise_linear(x, weight.shape[0], _float8_weight_into(weight), None)
     return acc.mul_(FLOAT8_VIA_HALF_FACTOR[x2d.dtype] * FLOAT8_VIA_HALF_FACTOR[weight.dtype])  # a power of 2: exact
 
 
