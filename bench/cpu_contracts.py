@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 from plot import machine_info  # bench/plot.py, next to this script
 
+from quanto_backend.ops import cpu
+
 RESULTS = Path(__file__).parent / "results"
 OK_RTOL = 2e-2  # bfloat16 activations and outputs: about 2**-8 relative at worst per element
 
@@ -41,7 +43,7 @@ def _storage(n: int, dtype: torch.dtype, offset_bytes: int, make) -> torch.Tenso
 
 
 def _int8(n: int, offset_bytes: int) -> torch.Tensor:
-    return _storage(n, torch.int8, offset_bytes, lambda c: torch.randint(-127, 128, (c,), dtype=torch.int8))
+    return _storage(n, torch.int8, offset_bytes, lambda c: torch.randint(-128, 128, (c,), dtype=torch.int8))
 
 
 def run_case(case: dict) -> str:
@@ -148,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "cpu_contracts",
         "command": "python bench/cpu_contracts.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": machine,
+        "int_mm_is_exact": cpu.int_mm_is_exact(),  # the check INT_MM and INT_MM_WEIGHT_FIRST also require
         "summary": {f"{op} {result}": n for (op, result), n in sorted(counts.items())},
         "cases": rows,
     }

@@ -39,6 +39,9 @@ __all__ = [
 ]
 
 
+CODE_PATH_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+
+
 def machine_info() -> dict:
     """What the numbers were measured on: CPU model, cores, load, library versions."""
     cpu = platform.processor() or "unknown"
@@ -55,6 +58,8 @@ def machine_info() -> dict:
         "cores": os.cpu_count(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_kind": cpu_kind(),  # what quanto_backend's CPU contracts and dispatch tables are keyed by
+        # the environment that picks other code paths than the CPU's own (see tests/test_cpu_differential.py)
+        "code_path_env": {k: os.environ[k] for k in CODE_PATH_ENV if k in os.environ},
         "torch": torch.__version__,
         "loadavg_1m_5m_15m": load,
     }

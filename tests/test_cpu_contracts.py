@@ -7,9 +7,13 @@ misaligned int8 storage from ``safetensors``, and in_features that are not a mul
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -135,6 +139,54 @@ def test_an_unmeasured_cpu_kind_takes_the_reference(monkeypatch):
     with torch.no_grad():
         out = model(torch.randn(3, 256, dtype=torch.float32))
     assert torch.isfinite(out).all()
+
+
+def _saturating(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``torch._int_mm`` as oneDNN computes it without VNNI: products summed in pairs, each pair clamped to int16."""
+    pairs = F.pad(x.int(), (0, x.shape[1] % 2)).unflatten(1, (-1, 2)).unsqueeze(-1)
+    products = pairs * F.pad(weight.int(), (0, 0, 0, weight.shape[0] % 2)).unflatten(0, (-1, 2))
+    return products.sum(2).clamp(-(2**15), 2**15 - 1).sum(1).int()
+
+
+@pytest.mark.parametrize("fake", ["saturating", "raising"])
+def test_int_mm_is_trusted_only_where_its_sums_are_exact(monkeypatch, fake):
+    # The kind alone does not settle _int_mm: with oneDNN capped below VNNI (ONEDNN_MAX_CPU_ISA=AVX2 on Zen 4) its
+    # sums saturate. A torch._int_mm that saturates, or raises, is not trusted, and int8 x int8 still comes out exact.
+    def raising(*args):
+        raise RuntimeError("no int8 GEMM here")
+
+    monkeypatch.setattr(torch, "_int_mm", _saturating if fake == "saturating" else raising)
+    monkeypatch.setattr(cpu, "cpu_kind", lambda: "AVX512")  # where INT_MM's kinds hold
+    cpu.int_mm_is_exact.cache_clear()
+    try:
+        assert not cpu.int_mm_is_exact()
+        assert not cpu.INT_MM.holds() and not cpu.INT_MM_WEIGHT_FIRST.holds()
+        x_q = torch.randint(-128, 128, (40, 96), dtype=torch.int8)
+        weight = torch.randint(-128, 128, (24, 96), dtype=torch.int8)
+        x_q[::2], weight[::2] = -128, -128  # pairs of -128 x -128 products: 32768, one past int16
+        x_scale, weight_scale = torch.tensor(0.5), torch.full((24, 1), 0.25)
+        out = ops.linear_a8w8(x_q, x_scale, weight, weight_scale, None, torch.float32)
+        expected = reference.linear_a8w8(x_q, x_scale, weight, weight_scale, None, torch.float32)
+        assert torch.equal(out, expected)
+    finally:
+        cpu.int_mm_is_exact.cache_clear()
+    assert not torch.equal(_saturating(x_q, weight.t()), (x_q.double() @ weight.double().t()).int())  # it saturates
+    assert torch.equal(_saturating(x_q // 4, weight.t() // 4), (x_q // 4).int() @ (weight.t() // 4).int())
+
+
+def test_int_mm_is_exact_on_this_machine_in_each_onednn_isa(tmp_path):
+    # On the real machine: with oneDNN at its full ISA and capped at AVX2 (a no-op on a CPU without AVX-512), the
+    # contract holds only where torch._int_mm's sums are exact on products that overflow int16 pairs.
+    script = (
+        "import torch; from quanto_backend.ops import cpu\n"
+        "x = torch.full((3, 64), 127, dtype=torch.int8); w = torch.full((64, 16), 127, dtype=torch.int8)\n"
+        "exact = torch.equal(torch._int_mm(x, w), torch.full((3, 16), 64 * 127 * 127, dtype=torch.int32))\n"
+        "print(cpu.int_mm_is_exact() == exact, not cpu.INT_MM.holds() or exact)\n"
+    )
+    for isa in ("ALL", "AVX2"):
+        env = {**os.environ, "ONEDNN_MAX_CPU_ISA": isa}
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
+        assert out.stdout.split() == ["True", "True"], (isa, out.stdout, out.stderr[-2000:])
 
 
 def test_quantize_refuses_a_bare_supported_module_instead_of_ignoring_it():

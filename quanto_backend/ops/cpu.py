@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +53,7 @@ __all__ = [
     "a8w8_kernel_max_rows",
     "aligned",
     "clear_cache",
+    "int_mm_is_exact",
     "kernel_max_rows",
 ]
 
@@ -88,9 +90,11 @@ class KernelContract:
     in_multiple: int  # in_features must be a multiple of this
     out_multiple: int  # out_features must be a multiple of this
     alignment: int  # bytes, of the data pointers of the activations and of the weight
+    # Run once on the machine itself (cached), where the CPU kind alone does not settle correctness.
+    verified: Callable[[], bool] | None = None
 
     def holds(self) -> bool:
-        return cpu_kind() in self.kinds
+        return cpu_kind() in self.kinds and (self.verified is None or self.verified())
 
     def admits_weight(self, weight: torch.Tensor) -> bool:
         return (
@@ -195,12 +199,43 @@ _ROW_BOUNDS: dict[str, dict[tuple[int, torch.dtype], RowBound]] = {
 # only with AVX-512: on AVX2 (Zen 3, no VNNI) it is a loop 6-15x slower than _weight_int8pack_mm and 5-15x slower
 # than a float32 matmul (bench/results/cpu_dispatch-avx2.json), so int8 x int8 takes the exact float32 path there
 # (_int8_sums).
-INT_MM = KernelContract(frozenset({"AVX512", "AVX512_AMX"}), in_multiple=1, out_multiple=1, alignment=1)
+#
+# The CPU kind does not settle it alone: oneDNN picks its int8 GEMM by the ISA it is allowed, and without VNNI that
+# one (vpmaddubsw) saturates pairs of products at int16. On Zen 4 with ONEDNN_MAX_CPU_ISA (or DNNL_MAX_CPU_ISA) set to
+# AVX2 or AVX512_CORE, torch._int_mm returns wrong sums, silently, while get_cpu_capability() still says AVX512.
+# Hence a check on the machine itself, once (int_mm_is_exact).
+@functools.cache
+def int_mm_is_exact() -> bool:
+    """Whether ``torch._int_mm`` gives the exact sums here, in both operand orders :func:`_int8_matmul` uses, on codes
+    whose pairs of products overflow int16 (checked once per process: 5-30 ms, mostly oneDNN's own first-call
+    setup, which the first real call would pay)."""
+    generator = torch.Generator().manual_seed(0)
+    for rows, k, n in ((1, 64, 16), (5, 72, 33), (33, 264, 48)):
+        x = torch.randint(-128, 128, (rows, k), generator=generator, dtype=torch.int8)
+        weight = torch.randint(-128, 128, (n, k), generator=generator, dtype=torch.int8)
+        # Extreme rows: products of 127s and -128s, whose pairs overflow int16 as int8 x int8 or as oneDNN's
+        # uint8 (x + 128) x int8.
+        x[0], x[1:2], weight[0], weight[1] = 127, -128, 127, -128
+        exact = (x.double() @ weight.double().t()).to(torch.int32)
+        try:
+            sums = (torch._int_mm(x, weight.t()), torch._int_mm(weight, x.t()).t())
+        except RuntimeError:
+            return False
+        if not all(torch.equal(s, exact) for s in sums):
+            return False
+    return True
+
+
+INT_MM = KernelContract(
+    frozenset({"AVX512", "AVX512_AMX"}), in_multiple=1, out_multiple=1, alignment=1, verified=int_mm_is_exact
+)
 # The same sums with the weight as the first operand (weight @ x.T, transposed back; exact in all 408 cases on Zen 4,
 # "int_mm_weight_first" in bench/results/cpu_contracts-avx512.json). oneDNN reorders a transposed second operand at
 # every call: on Zen 4, at 4096 x 14336, 11-16 ms from 2 to 64 rows as x @ weight.T, 6.3-12.4 ms as weight @ x.T.
 # Not measured on Sapphire Rapids: it keeps the activations first.
-INT_MM_WEIGHT_FIRST = KernelContract(frozenset({"AVX512"}), in_multiple=1, out_multiple=1, alignment=1)
+INT_MM_WEIGHT_FIRST = KernelContract(
+    frozenset({"AVX512"}), in_multiple=1, out_multiple=1, alignment=1, verified=int_mm_is_exact
+)
 # int8 x int8: rows up to which _weight_int8pack_mm (bfloat16-rounded output) beats torch._int_mm (exact), where
 # INT_MM holds. Sapphire Rapids (bench/results/cpu_dispatch-avx512_amx.json): int8pack 1.3x faster at 1 row,
 # _int_mm 2-10x faster from 8 rows at every shape. Zen 4 (cpu_dispatch-avx512.json): _int_mm, weight first, is
