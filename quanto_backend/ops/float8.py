@@ -12,16 +12,28 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["FLOAT8_VIA_HALF_FACTOR", "float8_into", "has_nan_codes"]
+__all__ = ["BFLOAT16_PIECE", "FLOAT8_VIA_HALF_FACTOR", "float8_into", "has_nan_codes"]
 
 FLOAT8_VIA_HALF_FACTOR: dict[torch.dtype, float] = {torch.float8_e4m3fn: 256.0, torch.float8_e5m2: 1.0}
 _E4M3_HALF_BITS = -16512  # 0xBF80 as int16: the sign bit and the 7 bits of exponent and mantissa
+
+
+# bfloat16 outputs are converted this many codes at a time: the float32 temporary of each piece (2 MiB) stays in
+# cache, where one of the whole block's size does not (a 2M-code block: 0.63 ms in one piece, 0.40 in pieces of 512K
+# on Zen 4; pieces of 64K lose more to the per-op overhead than they gain).
+BFLOAT16_PIECE = 1 << 19
 
 
 def float8_into(codes: torch.Tensor, out: torch.Tensor, nan_codes: bool = True) -> torch.Tensor:
     """Write float8 ``codes`` (e4m3fn or e5m2) into ``out`` (any float dtype, same shape) as their values divided
     by ``FLOAT8_VIA_HALF_FACTOR[codes.dtype]``, exactly; returns ``out``. NaN codes come out NaN unless
     ``nan_codes=False`` says there are none (see :func:`has_nan_codes`), which spares four of the passes."""
+    if out.dtype == torch.bfloat16 and codes.numel() > BFLOAT16_PIECE and codes.is_contiguous() and out.is_contiguous():
+        flat_codes, flat_out = codes.view(-1), out.view(-1)
+        for start in range(0, flat_codes.numel(), BFLOAT16_PIECE):
+            piece = slice(start, start + BFLOAT16_PIECE)
+            float8_into(flat_codes[piece], flat_out[piece], nan_codes)
+        return out
     if codes.dtype == torch.float8_e4m3fn:
         # As int8, byte b sign-extends into bit 14 and 15: (b << 7) & 0xBF80 keeps the sign in bit 15 only.
         bits = codes.view(torch.int8).to(torch.int16).bitwise_left_shift_(7).bitwise_and_(_E4M3_HALF_BITS)
