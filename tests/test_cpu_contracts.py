@@ -174,7 +174,7 @@ def test_int_mm_is_trusted_only_where_its_sums_are_exact(monkeypatch, fake):
     assert torch.equal(_saturating(x_q // 4, weight.t() // 4), (x_q // 4).int() @ (weight.t() // 4).int())
 
 
-def test_int_mm_is_exact_on_this_machine_in_each_onednn_isa(tmp_path):
+def test_int_mm_is_exact_on_this_machine_in_each_onednn_isa():
     # On the real machine: with oneDNN at its full ISA and capped at AVX2 (a no-op on a CPU without AVX-512), the
     # contract holds only where torch._int_mm's sums are exact on products that overflow int16 pairs.
     script = (
