@@ -200,10 +200,11 @@ _ROW_BOUNDS: dict[str, dict[tuple[int, torch.dtype], RowBound]] = {
 # than a float32 matmul (bench/results/cpu_dispatch-avx2.json), so int8 x int8 takes the exact float32 path there
 # (_int8_sums).
 #
-# The CPU kind does not settle it alone: oneDNN picks its int8 GEMM by the ISA it is allowed, and without VNNI that
-# one (vpmaddubsw) saturates pairs of products at int16. On Zen 4 with ONEDNN_MAX_CPU_ISA (or DNNL_MAX_CPU_ISA) set to
-# AVX2 or AVX512_CORE, torch._int_mm returns wrong sums, silently, while get_cpu_capability() still says AVX512.
-# Hence a check on the machine itself, once (int_mm_is_exact).
+# The CPU kind does not settle it alone. oneDNN's int8 GEMM without VNNI (vpmaddubsw) saturates pairs of products at
+# int16; torch calls oneDNN only where the CPU has AVX512-VNNI (pytorch/pytorch#136746), but oneDNN picks its GEMM by
+# the ISA it is allowed. On Zen 4 with ONEDNN_MAX_CPU_ISA (or DNNL_MAX_CPU_ISA) set to AVX2 or AVX512_CORE,
+# torch._int_mm returns wrong sums, silently (374 of 408 bench/cpu_contracts.py cases), while get_cpu_capability()
+# still says AVX512. Hence a check on the machine itself, once (int_mm_is_exact).
 @functools.cache
 def int_mm_is_exact() -> bool:
     """Whether ``torch._int_mm`` gives the exact sums here, in both operand orders :func:`_int8_matmul` uses, on codes
