@@ -4,31 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from tiny_llama import tiny_llama as build_tiny_llama
+from tiny_llama import tiny_llama_config
+from transformers import DynamicCache, LlamaForCausalLM
 
 from quanto_backend import QuantizedCache
 from quanto_backend.kv_cache import QuantizedLayer
 
 
-def _tiny_llama_config(**overrides) -> LlamaConfig:
-    # The shapes of the issue's anchor measurement: hidden 128, 2 layers, 4 heads (head_dim 32), 2 KV heads.
-    kwargs = dict(
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=320,
-        max_position_embeddings=512,
-    )
-    kwargs.update(overrides)
-    return LlamaConfig(**kwargs)
-
-
 @pytest.fixture(scope="module")
 def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)  # transformers' own random init (normal, std initializer_range): realistic KV statistics
-    return LlamaForCausalLM(_tiny_llama_config()).eval()
+    return build_tiny_llama(vocab_size=320, max_position_embeddings=512)  # random init: realistic KV statistics
 
 
 def _teacher_forced_logits(model, ids: torch.Tensor, cache) -> torch.Tensor:
@@ -145,7 +131,7 @@ def test_quantized_states_are_appended_not_requantized():
 
 def test_bytes_at_4096_tokens_int4():
     # A Llama-3-8B-like layer geometry: 8 KV heads of head_dim 128, stored in bfloat16.
-    config = _tiny_llama_config(hidden_size=1024, num_attention_heads=8, num_key_value_heads=8, num_hidden_layers=2)
+    config = tiny_llama_config(hidden_size=1024, num_attention_heads=8, num_key_value_heads=8, num_hidden_layers=2)
     cache = QuantizedCache(config, nbits=4)  # defaults: q_group_size 64, residual_length 128
     reference = DynamicCache(config=config)
     torch.manual_seed(8)
@@ -180,11 +166,11 @@ def test_bytes_at_4096_tokens_int4():
 )
 def test_bad_input(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        QuantizedCache(_tiny_llama_config(), **kwargs)
+        QuantizedCache(tiny_llama_config(), **kwargs)
 
 
 def test_crop_is_refused():
-    cache = QuantizedCache(_tiny_llama_config(), nbits=4, q_group_size=32)
+    cache = QuantizedCache(tiny_llama_config(), nbits=4, q_group_size=32)
     with pytest.raises(NotImplementedError, match="cannot be cropped"):
         cache.crop(-1)
 

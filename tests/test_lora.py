@@ -6,8 +6,8 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import Linear as LoraLinear
+from tiny_llama import tiny_llama
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from quanto_backend import QConv2d, QLinear, freeze, quantize
 from quanto_backend.lora import QuantizedLoraConv2d, QuantizedLoraLinear, convert_lora_layers, register_quantized_lora
@@ -18,20 +18,6 @@ from quanto_backend.lora import QuantizedLoraConv2d, QuantizedLoraLinear, conver
 MERGE_BOUNDS = {"int8": 0.02, "float8": 0.07, "int4": 0.2, "int2": 0.65}
 OWN_ERROR_FACTOR = 1.3
 TARGETS = ["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]
-
-
-def _tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    # in_features 128 and 256: multiples of 64, inside the int8 CPU kernel's contract
-    config = LlamaConfig(
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-    )
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config).eval()
 
 
 def _randomize_adapters(model: nn.Module, seed: int) -> None:
@@ -45,7 +31,7 @@ def _randomize_adapters(model: nn.Module, seed: int) -> None:
 
 
 def _quantized_peft_llama(weights: str, freeze_model: bool = True, adapter_seed: int = 1):
-    model = _tiny_llama()
+    model = tiny_llama()
     quantize(model, weights=weights, exclude=["lm_head"])
     if freeze_model:
         freeze(model)
@@ -150,7 +136,7 @@ TRAINED_MERGE_BOUNDS = {"int8": 0.011, "float8": 0.043, "int4": 0.165, "int2": 0
 
 @pytest.mark.parametrize("weights", ["int8", "float8", "int4", "int2"])
 def test_merge_error_with_a_trained_adapter(weights):
-    model = _tiny_llama()
+    model = tiny_llama()
     quantize(model, weights=weights, exclude=["lm_head"])
     freeze(model)
     peft_model = get_peft_model(model, register_quantized_lora(LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS)))
@@ -166,7 +152,7 @@ def test_merge_error_with_a_trained_adapter(weights):
     error = _rel(merged, unmerged)
     assert error <= TRAINED_MERGE_BOUNDS[weights], error
     # the same adapters merged into the float model, which is then quantized: the format's own error there
-    float_model = get_peft_model(_tiny_llama(), LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS)).eval()
+    float_model = get_peft_model(tiny_llama(), LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS)).eval()
     loaded = float_model.load_state_dict(adapters, strict=False)
     assert not loaded.unexpected_keys
     float_merged = float_model.merge_and_unload()
@@ -277,7 +263,7 @@ def test_conv2d_merge_unmerge(weights):
 
 
 def test_convert_lora_layers_created_without_registration():
-    model = _tiny_llama()
+    model = tiny_llama()
     quantize(model, weights="int4", exclude=["lm_head"])
     freeze(model)
     peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS)).eval()
@@ -291,7 +277,7 @@ def test_convert_lora_layers_created_without_registration():
 
 
 def test_convert_float8_layers_and_refuse_merged_ones():
-    model = _tiny_llama()
+    model = tiny_llama()
     quantize(model, weights="float8", exclude=["lm_head"])
     freeze(model)
     peft_model = get_peft_model(model, LoraConfig(r=8, target_modules=["q_proj"])).eval()
@@ -306,9 +292,9 @@ def test_convert_float8_layers_and_refuse_merged_ones():
     with torch.no_grad():
         assert _rel(peft_model(IDS).logits, unmerged) <= MERGE_BOUNDS["float8"]
     assert convert_lora_layers(peft_model) == 0  # already converted
-    float_peft = get_peft_model(_tiny_llama(), LoraConfig(r=8, target_modules=["q_proj"]))
+    float_peft = get_peft_model(tiny_llama(), LoraConfig(r=8, target_modules=["q_proj"]))
     assert convert_lora_layers(float_peft) == 0  # LoRA around float nn.Linear: left to peft
-    float8 = _tiny_llama()
+    float8 = tiny_llama()
     quantize(float8, weights="float8", exclude=["lm_head"])
     merged = get_peft_model(float8, LoraConfig(r=8, target_modules=["q_proj"]))
     merged.base_model.model.model.layers[0].self_attn.q_proj.merged_adapters.append("default")

@@ -5,23 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_llama import tiny_llama
+from transformers import LlamaForCausalLM
 
 from quanto_backend import QLinear, freeze, quantize
 from quanto_backend.lora import register_quantized_lora
 
 
 def _quantized_llama(weights: str) -> LlamaForCausalLM:
-    config = LlamaConfig(
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
+    model = tiny_llama().train()
     quantize(model, weights=weights, exclude=["lm_head"])
     freeze(model)
     return model
