@@ -519,7 +519,7 @@ def _float8_weight_into(weight: torch.Tensor):
     """The ``dequantize_into(start, stop, buffer)`` of :func:`_blockwise_linear` for float8 codes (values divided by
     ``FLOAT8_VIA_HALF_FACTOR``); whether the weight holds NaN codes is checked once per storage and version, which
     spares four passes a call on a weight without them."""
-    nan_codes = _per_storage(_NAN_CODES_CACHE, weight, has_nan_codes)
+    nan_codes = _per_storage(_NAN_CODES_CACHE, has_nan_codes, weight)
     return lambda start, stop, buffer: float8_into(weight[start:stop], buffer, nan_codes)
 
 
@@ -566,11 +566,10 @@ def _linear_a8w8(
 
 @dataclass
 class _Int4Weight:
-    """A weight converted for ``_weight_int4pack_mm_for_cpu``, and what it was converted from."""
+    """A weight converted for ``_weight_int4pack_mm_for_cpu``."""
 
     packed: torch.Tensor
     scale_and_zeros: torch.Tensor
-    sources: tuple  # _sources() at conversion: any change (in-place write, new scale storage) misses the cache
 
 
 # Keyed by the weight's storage object (PyTorch keeps one Python object per live storage): an entry goes away with
@@ -586,10 +585,10 @@ def _layout(t: torch.Tensor) -> tuple:
     return (t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, version)
 
 
-def _sources(weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> tuple:
-    # The scale and shift storages are held by the entry (they are small), so their identity stays meaningful; the
+def _sources(weight: torch.Tensor, *others: torch.Tensor) -> tuple:
+    # The other storages (scales, shifts: small) are held by the entry, so their identity stays meaningful; the
     # weight's storage is the cache key and must not be held, or the entry would never be collected.
-    return (_layout(weight), scale.untyped_storage(), _layout(scale), shift.untyped_storage(), _layout(shift))
+    return (_layout(weight), *(x for t in others for x in (t.untyped_storage(), _layout(t))))
 
 
 def _same_sources(a: tuple, b: tuple) -> bool:
@@ -609,12 +608,13 @@ def clear_cache() -> None:
     _NAN_CODES_CACHE.clear()
 
 
-def _per_storage(cache: WeakIdKeyDictionary, weight: torch.Tensor, compute):
-    """``compute(weight)``, cached per storage while the weight's layout and version (:func:`_layout`) stay."""
-    storage, layout = weight.untyped_storage(), _layout(weight)
+def _per_storage(cache: WeakIdKeyDictionary, compute, weight: torch.Tensor, *others: torch.Tensor):
+    """``compute(weight, *others)``, cached per weight storage while the layouts and versions (:func:`_layout`) of
+    ``weight`` and ``others`` stay and ``others`` keep their storages (any in-place write or new storage misses)."""
+    storage, sources = weight.untyped_storage(), _sources(weight, *others)
     entry = cache.get(storage)
-    if entry is None or entry[0] != layout:
-        entry = (layout, compute(weight))
+    if entry is None or not _same_sources(entry[0], sources):
+        entry = (sources, compute(weight, *others))
         cache[storage] = entry
     return entry[1]
 
@@ -622,7 +622,7 @@ def _per_storage(cache: WeakIdKeyDictionary, weight: torch.Tensor, compute):
 @torch.library.register_kernel(library.weight_row_sums, "cpu")
 def _weight_row_sums(weight: torch.Tensor) -> torch.Tensor:
     # A pass over the whole weight, as long as the matmul itself at one row: computed once per weight storage.
-    sums = _per_storage(_ROW_SUMS_CACHE, weight, reference.weight_row_sums)
+    sums = _per_storage(_ROW_SUMS_CACHE, reference.weight_row_sums, weight)
     return sums.clone()  # a fresh output, as an op's must be (the caller, or inductor, may write into it)
 
 
@@ -634,18 +634,16 @@ def _int4_weight(weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
     (``q' = q + 6``) so that ``zero = (8 - q' + q - shift) * scale`` stays small, and with it its bfloat16 rounding
     error, which every weight of the group shares.
     """
-    storage, sources = weight.untyped_storage(), _sources(weight, scale, shift)
-    entry = _INT4_CACHE.get(storage)
-    if entry is not None and _same_sources(entry.sources, sources):
-        return entry
-    offset = 0 if bits == 4 else _INT2_CODE_OFFSET
-    codes = reference.unpack(weight, bits).to(torch.int32) + offset
-    packed = torch._convert_weight_to_int4pack_for_cpu(codes, 2)  # inner_k_tiles: ignored by the CPU layout
-    zero = (8.0 - offset - shift.float()) * scale.float()
-    scale_and_zeros = torch.stack([scale.float(), zero], dim=-1).transpose(0, 1).to(torch.bfloat16).contiguous()
-    entry = _Int4Weight(packed, scale_and_zeros, sources)
-    _INT4_CACHE[storage] = entry
-    return entry
+
+    def convert(weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> _Int4Weight:
+        offset = 0 if bits == 4 else _INT2_CODE_OFFSET
+        codes = reference.unpack(weight, bits).to(torch.int32) + offset
+        packed = torch._convert_weight_to_int4pack_for_cpu(codes, 2)  # inner_k_tiles: ignored by the CPU layout
+        zero = (8.0 - offset - shift.float()) * scale.float()
+        scale_and_zeros = torch.stack([scale.float(), zero], dim=-1).transpose(0, 1).to(torch.bfloat16).contiguous()
+        return _Int4Weight(packed, scale_and_zeros)
+
+    return _per_storage(_INT4_CACHE, convert, weight, scale, shift)
 
 
 def _dequantize_affine_into(
