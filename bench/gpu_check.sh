@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check of quanto-backend in one command, for one H100/H200 and at most 8 minutes: the GPU tests
-# (pytest -m cuda tests/cuda), bench/kernels.py and bench/models.py, each under its own time limit, every log and
+# (pytest -m cuda tests/cuda), bench/kernel_speed.py and bench/models.py, each under its own time limit, every log and
 # result written under the folder given as the first argument (created; nothing else is written outside it but
 # the compiled-kernel cache, which it keeps in that folder too).
 #
@@ -14,7 +14,7 @@
 # At most 8 files come back from a device call, so a caller archives the folder, e.g.
 #   bash bench/gpu_check.sh /tmp/gc; tar czf $OUT/gpu_check.tgz -C /tmp gc; cp /tmp/gc/summary.txt $OUT/
 #
-# Per-step limits in seconds (QB_PYTEST_S, QB_KERNELS_S, QB_MODELS_S; QB_SETUP_S for the wheel install), each cut
+# Per-step limits in seconds (QB_PYTEST_S, QB_KERNEL_SPEED_S, QB_MODELS_S; QB_SETUP_S for the wheel install), each cut
 # to what is left of QB_TOTAL_S (470: 8 minutes less a margin) when its step starts. QB_DRY_RUN=1 prints each
 # step's command instead of running it.
 set -uo pipefail
@@ -39,7 +39,7 @@ OUT_DIR=$(mkdir -p "$1" && cd "$1" && pwd) || { echo "cannot create $1" >&2; exi
 TOTAL_S=${QB_TOTAL_S:-470}
 SETUP_S=${QB_SETUP_S:-40}
 PYTEST_S=${QB_PYTEST_S:-200}
-KERNELS_S=${QB_KERNELS_S:-150}
+KERNEL_SPEED_S=${QB_KERNEL_SPEED_S:-150}
 MODELS_S=${QB_MODELS_S:-100}
 SUMMARY="$OUT_DIR/summary.txt"
 export PYTHONUNBUFFERED=1
@@ -115,6 +115,6 @@ else
 fi
 
 step pytest "$PYTEST_S" "$PYTHON" -m pytest tests/cuda -m cuda -q --junitxml="$OUT_DIR/pytest.xml" -p no:cacheprovider
-step kernels "$KERNELS_S" "$PYTHON" bench/kernels.py --device cuda --output "$OUT_DIR/kernels-cuda.json"
+step kernel_speed "$KERNEL_SPEED_S" "$PYTHON" bench/kernel_speed.py --device cuda --output "$OUT_DIR/kernel_speed-cuda.json"
 step models "$MODELS_S" "$PYTHON" bench/models.py --device cuda --no-optional --output-dir "$OUT_DIR"
 echo "total: ${SECONDS}s; results and logs in $OUT_DIR" | tee -a "$SUMMARY"

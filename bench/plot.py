@@ -2,11 +2,11 @@
 bench scripts.
 
 Each bench script calls its function after writing its JSON; to redraw from a JSON file (e.g. the one
-``bench/kernels.py`` writes):
+``bench/kernel_speed.py`` writes):
 
-    python bench/plot.py bench/results/kernels-cpu.json      # writes bench/results/kernels-cpu.png
+    python bench/plot.py bench/results/kernel_speed-cpu.json      # writes bench/results/kernel_speed-cpu.png
 
-The kind of chart is read from the JSON's ``benchmark`` field, or from the file name (``kernels-*``).
+The kind of chart is read from the JSON's ``benchmark`` field, or from the file name (``kernel_speed-*``).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ __all__ = [
     "plot_cpu_dispatch",
     "plot_cpu_linear",
     "plot_file",
-    "plot_kernels",
+    "plot_kernel_speed",
     "plot_models",
     "save_report",
 ]
@@ -86,8 +86,8 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def plot_kernels(report: dict, path: Path) -> Path:
-    """``bench/kernels.py``: speedup over each float baseline (bfloat16 on a GPU; float32 and bfloat16 on CPU) and
+def plot_kernel_speed(report: dict, path: Path) -> Path:
+    """``bench/kernel_speed.py``: speedup over each float baseline (bfloat16 on a GPU; float32 and bfloat16 on CPU) and
     achieved bandwidth, per shape, qtype/mode and M."""
     rows = report["linear"]
     shapes = sorted({(r["in_features"], r["out_features"]) for r in rows})
@@ -223,7 +223,7 @@ def plot_accuracy(report: dict, path: Path) -> Path:
 
 
 PLOTTERS: dict[str, Callable[[dict, Path], Path]] = {
-    "kernels": plot_kernels,
+    "kernel_speed": plot_kernel_speed,
     "cpu_linear": plot_cpu_linear,
     "cpu_dispatch": plot_cpu_dispatch,
     "models": plot_models,

@@ -7,6 +7,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+from importlib.machinery import PathFinder
 from pathlib import Path
 from types import ModuleType
 
@@ -29,6 +30,17 @@ def load_script(name: str) -> ModuleType:
     finally:
         sys.path.remove(str(BENCH))
     return module
+
+
+def test_no_script_shadows_an_installed_module():
+    """A script runs with bench/ first on sys.path, so a script named like an installed module replaces it for every
+    library the script imports: bench/kernels.py did, for the Hugging Face ``kernels`` package that transformers
+    (5.25 and up) imports at start-up."""
+    here = {str(BENCH), str(BENCH.parent), str(BENCH.parent / "tests"), ""}
+    elsewhere = [p for p in sys.path if p not in here]
+    stems = sorted(p.stem for p in BENCH.glob("*.py"))
+    shadowing = [n for n in stems if n in sys.stdlib_module_names or PathFinder.find_spec(n, elsewhere) is not None]
+    assert not shadowing, f"bench scripts named like installed modules: {shadowing}"
 
 
 def run_script(script: str | ModuleType, *args: str | Path) -> None:
@@ -81,14 +93,15 @@ def test_accuracy(tmp_path):
     assert cosine["W8A8 int8 static"] > 0.95
 
 
-def test_kernels(tmp_path, monkeypatch):
-    bench = load_script("kernels.py")
+def test_kernel_speed(tmp_path, monkeypatch):
+    bench = load_script("kernel_speed.py")
     monkeypatch.setattr(bench, "QUICK_CPU_SHAPES", ((128, 96),))
     monkeypatch.setattr(bench, "QUICK_CPU_M_VALUES", (1, 3))
-    out = tmp_path / "kernels-cpu.json"
+    out = tmp_path / "kernel_speed-cpu.json"
     run_script(bench, "--device", "cpu", "--quick", "--repeats", "2", "--output", out)
     report = read(out)
-    assert report["benchmark"] == "kernels" and report["command"].startswith("python bench/kernels.py --device cpu")
+    assert report["benchmark"] == "kernel_speed"
+    assert report["command"].startswith("python bench/kernel_speed.py --device cpu")
     assert report["device"] == "cpu" and report["quick"] is True
     cases = {(r["qtype"], r["mode"]) for r in report["linear"]}
     assert cases == set(bench.CASES)
@@ -105,8 +118,8 @@ def test_kernels(tmp_path, monkeypatch):
     assert out.with_suffix(".png").read_bytes()[:8] == PNG_MAGIC
 
 
-def test_kernels_peak_bandwidth_override():
-    bench = load_script("kernels.py")
+def test_kernel_speed_peak_bandwidth_override():
+    bench = load_script("kernel_speed.py")
     assert bench.peak_bandwidth_gbps(torch.device("cpu"), 100.0) == 100.0
     assert bench.peak_bandwidth_gbps(torch.device("cpu"), None) is None
     assert bench.device_label(torch.device("cpu")) == "cpu"

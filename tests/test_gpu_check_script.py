@@ -33,12 +33,12 @@ def test_steps_reference_existing_files_and_options(tmp_path):
     run = _run(tmp_path, {"QB_DRY_RUN": "1"})
     assert run.returncode == 0, run.stderr
     steps = dict(re.findall(r"^(\w+) \(\d+s\): (.*)$", run.stdout, flags=re.MULTILINE))
-    assert set(steps) == {"pytest", "kernels", "models"}
+    assert set(steps) == {"pytest", "kernel_speed", "models"}
     pytest_args = shlex.split(steps["pytest"])
     assert pytest_args[1:4] == ["-m", "pytest", "tests/cuda"] and (ROOT / "tests" / "cuda").is_dir()
     assert pytest_args[pytest_args.index("-m", 2) + 1] == "cuda"
     assert 'markers = ["cuda:' in (ROOT / "pyproject.toml").read_text()
-    for name in ("kernels", "models"):
+    for name in ("kernel_speed", "models"):
         args = shlex.split(steps[name])
         script = ROOT / args[1]
         assert args[1] == f"bench/{name}.py" and script.is_file()
@@ -53,13 +53,13 @@ def test_steps_reference_existing_files_and_options(tmp_path):
 @pytest.fixture
 def fake_python(tmp_path) -> Path:
     """A python3 stand-in: prints its arguments, sleeps QB_FAKE_SLEEP seconds when the command is bench/models.py,
-    and fails for bench/kernels.py."""
+    and fails for bench/kernel_speed.py."""
     path = tmp_path / "python3"
     path.write_text(
         "#!/usr/bin/env bash\n"
         'echo "fake python: $*"\n'
         'if [[ "${1:-}" == bench/models.py ]]; then sleep "${QB_FAKE_SLEEP:-0}"; fi\n'
-        'if [[ "${1:-}" == bench/kernels.py ]]; then exit 3; fi\n'
+        'if [[ "${1:-}" == bench/kernel_speed.py ]]; then exit 3; fi\n'
         "exit 0\n"
     )
     path.chmod(0o755)
@@ -73,10 +73,10 @@ def test_runs_each_step_under_its_limit_and_writes_under_the_folder(tmp_path, fa
     summary = (out / "summary.txt").read_text()
     assert re.search(r"^setup: ok", summary, flags=re.MULTILINE)
     assert re.search(r"^pytest: ok in \d+s: .* -m pytest tests/cuda -m cuda", summary, flags=re.MULTILINE)
-    assert re.search(r"^kernels: failed \(exit 3\)", summary, flags=re.MULTILINE)
+    assert re.search(r"^kernel_speed: failed \(exit 3\)", summary, flags=re.MULTILINE)
     assert re.search(r"^models: timed out after 1s", summary, flags=re.MULTILINE)
     assert "fake python: -m pytest tests/cuda" in (out / "pytest.log").read_text()
-    assert f"--output {out}/kernels-cuda.json" in (out / "kernels.log").read_text()
+    assert f"--output {out}/kernel_speed-cuda.json" in (out / "kernel_speed.log").read_text()
     assert (out / "environment.txt").is_file() and (out / "models.log").is_file()
 
 
@@ -95,4 +95,4 @@ def test_usage_error(tmp_path):
 def test_default_limits_fit_eight_minutes():
     text = SCRIPT.read_text()
     limit = {k: int(v) for k, v in re.findall(r"^(\w+_S)=\$\{QB_\w+:-(\d+)\}", text, flags=re.MULTILINE)}
-    assert limit["PYTEST_S"] + limit["KERNELS_S"] + limit["MODELS_S"] <= limit["TOTAL_S"] <= 8 * 60
+    assert limit["PYTEST_S"] + limit["KERNEL_SPEED_S"] + limit["MODELS_S"] <= limit["TOTAL_S"] <= 8 * 60

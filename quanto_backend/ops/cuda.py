@@ -460,7 +460,7 @@ def _matmul(
 
 # Split-K (see cuda_kernels/gemm.cu): a GEMM of fewer 128 x 128 output tiles than the GPU has SMs splits its
 # k-tiles (64 bytes of each row of activations) into up to SPLIT_K_MAX parts of at least SPLIT_K_MIN_TILES. NOT YET
-# MEASURED ON A GPU: sized so that the blocks about fill the SMs once; bench/kernels.py times M = 17-128 when a GPU
+# MEASURED ON A GPU: sized so that the blocks about fill the SMs once; bench/kernel_speed.py times M = 17-128 when a GPU
 # is lent.
 SPLIT_K_MAX = 8
 SPLIT_K_MIN_TILES = 2
@@ -509,7 +509,7 @@ def _gemm(source: str, entry_point: str, args: tuple, epilogue: tuple, mnk: tupl
 # dequantize kernel) and call cuBLAS through F.linear; int8 x int8 calls torch._int_mm; float8 x float8 calls
 # torch._scaled_mm (on sm_90 the only float8 tensor-core path: mma.sync with e4m3 is emulated there). NOT YET
 # MEASURED ON A GPU: these are estimates (our GEMM was estimated at 35-50% of cuBLAS at M = 2048, and dequantizing
-# the whole weight is amortized over this many rows); bench/kernels.py measures the crossover when a GPU is lent.
+# the whole weight is amortized over this many rows); bench/kernel_speed.py measures the crossover when a GPU is lent.
 WEIGHT_ONLY_LIBRARY_ROWS = 512
 INT8_LIBRARY_ROWS = 256
 FP8_LIBRARY_ROWS = 256

@@ -7,11 +7,11 @@ median of repeats), and reports the speedup and the achieved bandwidth (bytes re
 fraction of the device's peak memory bandwidth. It also measures the bandwidth of quantizing a weight on the GPU.
 
 Without a GPU (or with ``--device cpu``) it runs a small CPU variant against float32 and bfloat16 ``F.linear``;
-``--quick`` shrinks either run to a few shapes. Results go to ``bench/results/kernels-<device>.json``, and its
+``--quick`` shrinks either run to a few shapes. Results go to ``bench/results/kernel_speed-<device>.json``, and its
 chart next to it.
 
-    python bench/kernels.py                 # GPU: full grid
-    python bench/kernels.py --quick --device cpu --output /tmp/k.json
+    python bench/kernel_speed.py                 # GPU: full grid
+    python bench/kernel_speed.py --quick --device cpu --output /tmp/k.json
 """
 
 from __future__ import annotations
@@ -210,7 +210,7 @@ def run(device: torch.device, quick: bool, repeats: int, peak_gbps: float | None
                 print(f"{qtype:>6} {mode:<11} {k:>6}x{n:<6} M={m:<5} {ms * 1e3:9.1f} us  {', '.join(speedups)}{peak}")
         del w
     return {
-        "benchmark": "kernels",
+        "benchmark": "kernel_speed",
         "device": torch.cuda.get_device_name(device) if on_gpu else "cpu",
         "machine": machine_info(),
         "threads": torch.get_num_threads(),
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda") if use_cuda else torch.device("cpu")
     report = run(device, args.quick, args.repeats, peak_bandwidth_gbps(device, args.peak_gbps))
-    output = args.output or Path(__file__).parent / "results" / f"kernels-{device_label(device)}.json"
+    output = args.output or Path(__file__).parent / "results" / f"kernel_speed-{device_label(device)}.json"
     save_report(report, output, __file__, argv)
     return 0
 
