@@ -313,7 +313,8 @@ class QuantizedLayer(DynamicLayer):
 
 
 class QuantizedCache(Cache):
-    """A key/value cache for ``generate(past_key_values=...)`` and ``forward`` that stores older tokens quantized.
+    """A key/value cache for ``generate(past_key_values=...)`` and ``forward`` (``cache=`` from transformers 5.25)
+    that stores older tokens quantized.
 
     Args:
         config: the model's config (``PreTrainedConfig``); every decoder layer must be full attention.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from tiny_llama import tiny_llama as build_tiny_llama
@@ -10,6 +12,11 @@ from transformers import DynamicCache, LlamaForCausalLM
 
 from quanto_backend import QuantizedCache
 from quanto_backend.kv_cache import QuantizedLayer
+
+# transformers 5.25 renamed generate's and forward's past_key_values to cache (the old name warns, and goes from
+# forward in 5.40): the tests pass the cache by the name this transformers takes; the README's example keeps the old
+# name, which every transformers 5.x accepts.
+CACHE_ARG = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +29,7 @@ def _teacher_forced_logits(model, ids: torch.Tensor, cache) -> torch.Tensor:
     logits = []
     with torch.no_grad():
         for t in range(ids.shape[1]):
-            out = model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+            out = model(input_ids=ids[:, t : t + 1], **{CACHE_ARG: cache}, use_cache=True)
             logits.append(out.logits)
     return torch.cat(logits, dim=1)
 
@@ -65,7 +72,7 @@ def test_greedy_generate_uses_the_cache(tiny_llama, axis):
     prompt = torch.randint(0, tiny_llama.config.vocab_size, (2, 10))
     kwargs = dict(nbits=4, q_group_size=16, residual_length=16, axis_key=axis, axis_value=0)
     cache = QuantizedCache(tiny_llama.config, **kwargs)
-    out = tiny_llama.generate(prompt, past_key_values=cache, max_new_tokens=30, do_sample=False, min_new_tokens=30)
+    out = tiny_llama.generate(prompt, **{CACHE_ARG: cache}, max_new_tokens=30, do_sample=False, min_new_tokens=30)
     assert out.shape == (2, 40)
     assert cache.get_seq_length() == 39  # the last token is sampled, not cached
     assert cache.layers[0].quantized_keys.length >= 16
@@ -73,10 +80,10 @@ def test_greedy_generate_uses_the_cache(tiny_llama, axis):
     manual_cache = QuantizedCache(tiny_llama.config, **kwargs)
     ids = prompt
     with torch.no_grad():
-        logits = tiny_llama(input_ids=ids, past_key_values=manual_cache).logits[:, -1]
+        logits = tiny_llama(input_ids=ids, **{CACHE_ARG: manual_cache}).logits[:, -1]
         for _ in range(30):
             ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
-            logits = tiny_llama(input_ids=ids[:, -1:], past_key_values=manual_cache).logits[:, -1]
+            logits = tiny_llama(input_ids=ids[:, -1:], **{CACHE_ARG: manual_cache}).logits[:, -1]
     torch.testing.assert_close(out, ids, rtol=0, atol=0)
 
 
@@ -84,9 +91,9 @@ def test_beam_search_matches_dynamic_cache_while_unquantized(tiny_llama):
     torch.manual_seed(4)
     prompt = torch.randint(0, tiny_llama.config.vocab_size, (1, 6))
     kwargs = dict(max_new_tokens=12, num_beams=3, do_sample=False, min_new_tokens=12)
-    reference = tiny_llama.generate(prompt, past_key_values=DynamicCache(config=tiny_llama.config), **kwargs)
+    reference = tiny_llama.generate(prompt, **{CACHE_ARG: DynamicCache(config=tiny_llama.config)}, **kwargs)
     cache = QuantizedCache(tiny_llama.config, nbits=4, q_group_size=32, residual_length=64)
-    torch.testing.assert_close(tiny_llama.generate(prompt, past_key_values=cache, **kwargs), reference)
+    torch.testing.assert_close(tiny_llama.generate(prompt, **{CACHE_ARG: cache}, **kwargs), reference)
 
 
 def test_beam_search_with_quantized_tokens(tiny_llama):
@@ -94,7 +101,7 @@ def test_beam_search_with_quantized_tokens(tiny_llama):
     prompt = torch.randint(0, tiny_llama.config.vocab_size, (1, 6))
     cache = QuantizedCache(tiny_llama.config, nbits=8, q_group_size=32, residual_length=4)
     out = tiny_llama.generate(
-        prompt, past_key_values=cache, max_new_tokens=16, num_beams=3, do_sample=False, min_new_tokens=16
+        prompt, **{CACHE_ARG: cache}, max_new_tokens=16, num_beams=3, do_sample=False, min_new_tokens=16
     )
     assert out.shape == (1, 22)
     assert cache.layers[0].quantized_keys.length >= 16
