@@ -225,7 +225,10 @@ def quantize_weight_with_scale(
     elif shift is not None or group_size is not None:
         raise ValueError(f"{qtype} weights take a scale only: shift and group_size are for qint4/qint2")
     if torch.is_grad_enabled() and weight.requires_grad:
-        return _StraightThrough.apply(weight, qtype, scale, shift, group_size)
+        # The parameters get no gradient, so their history (an optimizer's, from the weight itself) is cut here:
+        # torch 2.11 has no derivative for aminmax (2.13 has), and backward would fail on it.
+        shift = None if shift is None else shift.detach()
+        return _StraightThrough.apply(weight, qtype, scale.detach(), shift, group_size)
     return _quantize_with_scale(weight, qtype, scale, shift, group_size)
 
 
