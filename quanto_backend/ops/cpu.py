@@ -113,7 +113,8 @@ class KernelContract:
 #   (M = 1); activations off 32-byte alignment crash; weights off 16-byte alignment crash from 4 rows on.
 # * AVX2: aligned 16-byte loads of 8 activations, unaligned weight loads; in_features % 8 != 0 crashes or returns
 #   garbage (measured on Zen 3 in earlier sessions).
-# One contract covers both, with a margin: multiples of 16, 64-byte alignment.
+# One contract covers both, with a margin: multiples of 16, 64-byte alignment. Both contracts below also hold on Zen 4
+# with torch 2.11 and 2.14.1, natively and on ATen's AVX2 kernels (bench/results/cpu_contracts-*-torch2.1?.json).
 INT8PACK = KernelContract(
     frozenset({"AVX2", "AVX512", "AVX512_AMX"}), in_multiple=16, out_multiple=1, alignment=ALIGNMENT
 )
