@@ -7,6 +7,7 @@ from diffusers import DiffusionPipeline, PixArtTransformer2DModel
 from diffusers.quantizers import PipelineQuantizationConfig
 
 from quanto_backend import QLinear, QuantoConfig
+from quanto_backend.tensor import WEIGHT_QTYPES
 
 
 def run(model) -> torch.Tensor:
@@ -86,6 +87,11 @@ def test_quantizer_hooks(pixart_dir):
     on_the_fly = DiffusersAutoQuantizer.from_config(QuantoConfig("int4"), pre_quantized=False)
     prequantized = DiffusersAutoQuantizer.from_config(QuantoConfig("int4"), pre_quantized=True)
     assert on_the_fly.adjust_target_dtype(torch.bfloat16) == CustomDtype.INT4
+    quantizers = {
+        q.name: DiffusersAutoQuantizer.from_config(QuantoConfig(q), pre_quantized=False) for q in WEIGHT_QTYPES
+    }
+    sizes = {name: quantizer.adjust_target_dtype(None) for name, quantizer in quantizers.items()}
+    assert sizes["qfloat8_e4m3fnuz"] == sizes["qfloat8_e4m3fn"] == CustomDtype.FP8  # every format is sized
     assert prequantized.adjust_target_dtype(torch.bfloat16) == torch.bfloat16  # storage already sized
     assert on_the_fly.adjust_max_memory({"cpu": 1000}) == {"cpu": 900}
     assert on_the_fly.update_torch_dtype(None) == torch.float32

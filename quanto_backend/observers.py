@@ -16,12 +16,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .qtypes import QType, as_qtype, qfloat8_e4m3fn, qfloat8_e5m2, qint8, quint8
+from .qtypes import QType, as_qtype, qfloat8_e4m3fn, qfloat8_e4m3fnuz, qfloat8_e5m2, qint8, quint8
 from .tensor import QTensor, choose_qparams
 
 __all__ = ["HistogramObserver", "MinMaxObserver", "MovingAverageMinMaxObserver", "Observer"]
 
-OBSERVER_QTYPES = (qint8, quint8, qfloat8_e4m3fn, qfloat8_e5m2)
+OBSERVER_QTYPES = (qint8, quint8, qfloat8_e4m3fn, qfloat8_e4m3fnuz, qfloat8_e5m2)
 
 
 class Observer(nn.Module):

@@ -25,6 +25,7 @@ from quanto_backend import (
     freeze,
     qfloat8,
     qfloat8_e4m3fnuz,
+    qint2,
     qint4,
     qint8,
     qtypes,
@@ -49,6 +50,42 @@ def test_fnuz_weights_quantize_and_run():
     assert qlinear.weight.dtype == torch.float8_e4m3fnuz
     expected = linear(x)
     assert ((qlinear(x) - expected).norm() / expected.norm()) < 0.05
+
+
+@pytest.mark.parametrize("weights", [qint4, qfloat8_e4m3fnuz])
+@pytest.mark.parametrize("scales", ["static", "dynamic"])
+def test_fnuz_activations_calibrate_run_and_reload(weights, scales):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32))
+    x = torch.randn(8, 64)
+    expected = model(x)
+    quantize(model, weights=weights, activations=qfloat8_e4m3fnuz, activation_scales=scales)
+    with torch.no_grad(), Calibration():
+        model(x)
+    freeze(model)
+    out = model(x)
+    assert 0 < ((out - expected).norm() / expected.norm()) < 0.1
+    qmap = qb.quantization_map(model)
+    assert qmap["0"]["activations"] == "qfloat8_e4m3fnuz"
+    reloaded = torch.nn.Sequential(torch.nn.Linear(64, 32))
+    qb.requantize(reloaded, model.state_dict(), qmap)
+    assert torch.equal(reloaded(x), out)
+
+
+@pytest.mark.parametrize("qtype", [qint2, qint4])
+def test_quanto_signature_one_group_per_row_of_any_width(qtype):
+    # optimum-quanto's group_size=None is one group per output channel, whatever the width (here 5 inputs, not
+    # whole bytes of codes): the row is padded inside the tensor, and the weight keeps its shape.
+    torch.manual_seed(0)
+    w = torch.randn(6, 5)
+    scale, shift = MaxOptimizer()(w, qtype, axis=0, group_size=None)
+    assert scale.shape == shift.shape == (6, 1)
+    qw = quantize_weight(w, qtype, 0, scale, shift, group_size=None)
+    codes = ((w + shift) / scale).round().clamp(0, 2**qtype.bits - 1)
+    assert qw.shape == (6, 5)
+    assert torch.allclose(qw.dequantize(), codes * scale - shift, atol=1e-6)
+    x = torch.randn(3, 5)
+    assert torch.allclose(torch.nn.functional.linear(x, qw), x @ qw.dequantize().t(), atol=1e-5)
 
 
 def test_absmax_scale_keeps_the_input_dtype():

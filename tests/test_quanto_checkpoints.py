@@ -125,8 +125,8 @@ def test_unknown_qtype_names_the_module():
     with pytest.raises(ValueError, match=r"module '2' has weights 'qint3'.*qint8"):
         requantize(_skeleton(), state, qmap)
     state, qmap = _fixture_state("mlp_w8a8_layernorm")
-    qmap["3"]["activations"] = "qfloat8_e4m3fnuz"
-    with pytest.raises(ValueError, match=r"module '3' has activations 'qfloat8_e4m3fnuz'"):
+    qmap["3"]["activations"] = "qint4"
+    with pytest.raises(ValueError, match=r"module '3' has activations 'qint4'"):
         requantize(_skeleton(lambda: mlp(True)), state, qmap)
 
 

@@ -36,7 +36,7 @@ __all__ = ["QUANTO_ACTIVATIONS", "QUANTO_WEIGHTS", "is_quanto_checkpoint", "read
 
 # The optimum-quanto qtype names this library reads, and what they become.
 QUANTO_WEIGHTS = {q.name: q for q in (qint2, qint4, qint8, qfloat8_e4m3fn, qfloat8_e4m3fnuz, qfloat8_e5m2)}
-QUANTO_ACTIVATIONS = {q.name: q for q in (qint8, qfloat8_e4m3fn, qfloat8_e5m2)}
+QUANTO_ACTIVATIONS = {q.name: q for q in (qint8, qfloat8_e4m3fn, qfloat8_e4m3fnuz, qfloat8_e5m2)}
 _QUANTO_SUFFIXES = (".weight._data", ".weight._scale", ".weight._shift", ".weight._data._data")
 
 

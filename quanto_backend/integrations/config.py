@@ -62,10 +62,10 @@ class QuantoConfig(TransformersQuantizationConfigMixin, DiffusersQuantizationCon
     Args:
         weights: weight format: ``"int8"``, ``"int4"``, ``"int2"``, ``"float8"`` (= ``"float8_e4m3fn"``),
             ``"float8_e5m2"``, or a qtype (``qint8``...). ``weights_dtype=`` (diffusers' spelling) is accepted too.
-        activations: ``None`` (weight-only), ``"int8"``, ``"uint8"``, ``"float8"`` or ``"float8_e5m2"``. Static
-            activation scales are set by running :class:`~quanto_backend.Calibration` on the loaded model; until
-            then int8/float8 inputs are quantized with dynamic per-token scales (never with the placeholder
-            scales), uint8 ones refuse to run, and ``save_pretrained`` refuses to save.
+        activations: ``None`` (weight-only), ``"int8"``, ``"uint8"``, ``"float8"``, ``"float8_e5m2"`` or
+            ``"float8_e4m3fnuz"``. Static activation scales are set by running :class:`~quanto_backend.Calibration`
+            on the loaded model; until then int8/float8 inputs are quantized with dynamic per-token scales (never
+            with the placeholder scales), uint8 ones refuse to run, and ``save_pretrained`` refuses to save.
         activation_scales: ``"static"`` (per tensor, set by calibration) or ``"dynamic"`` (per token, computed on
             the fly: no calibration; int8 and float8 activations).
         group_size: inputs per group of the 2/4-bit formats (default 128; recorded as the number it resolves to).
@@ -118,7 +118,7 @@ class QuantoConfig(TransformersQuantizationConfigMixin, DiffusersQuantizationCon
         )
         if activation_scales not in ACTIVATION_SCALES:
             raise ValueError(f"Unsupported activation_scales {activation_scales!r}; accepted: static, dynamic")
-        if activation_scales == "dynamic" and self.activations not in ("int8", "float8_e4m3fn", "float8_e5m2"):
+        if activation_scales == "dynamic" and self.activations in (None, "uint8"):
             raise ValueError(
                 f"activation_scales='dynamic' needs int8 or float8 activations, got activations={activations!r}"
             )

@@ -29,6 +29,7 @@ def _target_dtypes() -> dict[str, Any]:
     return {
         "int8": torch.int8,
         "float8_e4m3fn": CustomDtype.FP8,
+        "float8_e4m3fnuz": CustomDtype.FP8,
         "float8_e5m2": CustomDtype.FP8,
         "int4": CustomDtype.INT4,
         "int2": CustomDtype.INT2,

@@ -55,7 +55,7 @@ def quantize_symmetric(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype)
         return scaled.clamp_(info.min, info.max).to(dtype)
     if dtype == torch.int8:
         return scaled.round_().clamp_(INT8_MIN, INT8_MAX).to(torch.int8)
-    raise ValueError(f"quantize_symmetric: unsupported dtype {dtype}; accepted: int8, float8_e4m3fn, float8_e5m2")
+    raise ValueError(f"quantize_symmetric: unsupported dtype {dtype}; accepted: int8 and the float8 dtypes")
 
 
 def dequantize_symmetric(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -7,12 +7,12 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from ..qtypes import QType, as_qtype, qfloat8_e4m3fn, qfloat8_e5m2, qint8, qtypes, quint8
+from ..qtypes import QType, as_qtype, qfloat8_e4m3fn, qfloat8_e4m3fnuz, qfloat8_e5m2, qint8, qtypes, quint8
 from .qtensor import QTensor
 
 __all__ = ["ACTIVATION_QTYPES", "AffineQActivation", "QActivation", "quantize_activation"]
 
-ACTIVATION_QTYPES = (qint8, quint8, qfloat8_e4m3fn, qfloat8_e5m2)
+ACTIVATION_QTYPES = (qint8, quint8, qfloat8_e4m3fn, qfloat8_e4m3fnuz, qfloat8_e5m2)
 
 
 class QActivation(QTensor):

@@ -143,15 +143,21 @@ def _all_finite(weight: torch.Tensor) -> bool:
     return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
+def _padded_inputs(flat: torch.Tensor, padded_in: int) -> torch.Tensor:
+    """``flat`` ``[out, in]`` widened to ``padded_in`` inputs by repeating its last one, which keeps each padded
+    group's min and max, hence its scale and shift, unchanged."""
+    if padded_in == flat.shape[1]:
+        return flat
+    return torch.cat([flat, flat[:, -1:].expand(-1, padded_in - flat.shape[1])], dim=1)
+
+
 def _quantize_grouped(weight: torch.Tensor, qtype: QType, group_size: int | None, optimizer) -> GroupedQWeight:
     if not isinstance(optimizer, AffineOptimizer):
         name = type(optimizer).__name__
         raise ValueError(f"{qtype} weights take an affine optimizer ('minmax' or 'hqq'), not {name}")
     flat = weight.reshape(weight.shape[0], -1)
     group_size, padded_in = group_layout(flat.shape[1], group_size)
-    if padded_in > flat.shape[1]:
-        # Repeating the last input keeps the padded group's min and max, hence its scale, unchanged.
-        flat = torch.cat([flat, flat[:, -1:].expand(-1, padded_in - flat.shape[1])], dim=1)
+    flat = _padded_inputs(flat, padded_in)
     if weight.device.type == "meta":
         scale, shift = (flat.new_empty(flat.shape[0], padded_in // group_size, dtype=torch.float32),) * 2
     else:
@@ -247,6 +253,8 @@ def _quantize_with_scale(weight, qtype, scale, shift, group_size):
         data = ops.quantize_symmetric(weight.detach(), scale, qtype.dtype)
         return PerAxisQWeight(data, scale, qtype, 0, weight.shape, weight.dtype)
     flat = weight.detach().reshape(out, -1)
+    if group_size is None:  # one group per output channel, padded to whole bytes of codes as group_layout pads
+        flat = _padded_inputs(flat, -(-flat.shape[1] // GROUP_SIZE_MULTIPLE) * GROUP_SIZE_MULTIPLE)
     size = flat.shape[1] if group_size is None else group_size
     if group_layout(flat.shape[1], size) != (size, flat.shape[1]):
         raise ValueError(
