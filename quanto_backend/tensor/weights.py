@@ -83,6 +83,11 @@ class GroupedQWeight(QTensor):
         return w[:, : self.shape[1:].numel()].reshape(self.shape).to(self.dtype)
 
 
+def _rounded_inputs(in_features: int) -> int:
+    """``in_features`` rounded up to a multiple of :data:`GROUP_SIZE_MULTIPLE`: the widest group it needs."""
+    return -(-in_features // GROUP_SIZE_MULTIPLE) * GROUP_SIZE_MULTIPLE
+
+
 def group_layout(in_features: int, group_size: int | None) -> tuple[int, int]:
     """The effective group size and the padded input dimension for ``in_features`` inputs.
 
@@ -92,8 +97,7 @@ def group_layout(in_features: int, group_size: int | None) -> tuple[int, int]:
     group_size = DEFAULT_GROUP_SIZE if group_size is None else group_size
     if not isinstance(group_size, int) or group_size <= 0 or group_size % GROUP_SIZE_MULTIPLE:
         raise ValueError(f"group_size must be a positive multiple of {GROUP_SIZE_MULTIPLE}, got {group_size!r}")
-    rounded_in = -(-in_features // GROUP_SIZE_MULTIPLE) * GROUP_SIZE_MULTIPLE
-    group_size = min(group_size, rounded_in)
+    group_size = min(group_size, _rounded_inputs(in_features))
     return group_size, -(-in_features // group_size) * group_size
 
 
@@ -253,8 +257,8 @@ def _quantize_with_scale(weight, qtype, scale, shift, group_size):
         data = ops.quantize_symmetric(weight.detach(), scale, qtype.dtype)
         return PerAxisQWeight(data, scale, qtype, 0, weight.shape, weight.dtype)
     flat = weight.detach().reshape(out, -1)
-    if group_size is None:  # one group per output channel, padded to whole bytes of codes as group_layout pads
-        flat = _padded_inputs(flat, -(-flat.shape[1] // GROUP_SIZE_MULTIPLE) * GROUP_SIZE_MULTIPLE)
+    if group_size is None:  # one group per output channel, padded as group_layout pads
+        flat = _padded_inputs(flat, _rounded_inputs(flat.shape[1]))
     size = flat.shape[1] if group_size is None else group_size
     if group_layout(flat.shape[1], size) != (size, flat.shape[1]):
         raise ValueError(
